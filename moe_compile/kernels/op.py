@@ -1,0 +1,176 @@
+"""`torch.ops.moe_compile.fused_moe`: one MoE layer as one op, with a fake kernel, autograd and a backend switch.
+
+The op is pure (no mutation) and its output has the shape of its input, so export, dynamo and Inductor see it as an
+opaque node with a trivially known output. Weights are op arguments, so graph passes can see and rewrite them.
+
+Backends are plain functions with the reference's signature, registered by name (`register_backend`); `auto` picks
+the best one available for the device and token count (`select_backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from moe_compile.kernels import reference
+
+log = logging.getLogger("moe_compile")
+
+BackendFn = Callable[..., Tensor]
+_BACKENDS: dict[str, BackendFn] = {"reference": reference.torch_fused_moe}
+# Backends that can serve a device type, best first. `auto` takes the first one registered.
+_PREFERENCE = {"cuda": ["cuda", "triton", "reference"], "cpu": ["reference"]}
+
+
+def register_backend(name: str, fn: BackendFn) -> None:
+    """Make `fn` (same signature as `reference.torch_fused_moe`) available as backend `name`."""
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """The backend that runs: `requested` if registered, else the best for the device (logged)."""
+    if requested in _BACKENDS:
+        return requested
+    preference = _PREFERENCE.get(device.type, ["reference"])
+    chosen = next(name for name in preference if name in _BACKENDS)
+    if requested != "auto":
+        log.warning("fused_moe backend %r is not available here; using %r", requested, chosen)
+    return chosen
+
+
+@torch.library.custom_op("moe_compile::fused_moe", mutates_args=())
+def fused_moe(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    backend: str = "auto",
+) -> Tensor:
+    """x [T, H], router_weight [E, H], w13 [E, 2I, H] (gate rows then up rows; [E, I, H] if not gated),
+    w2 [E, H, I], b13 [E, 2I], b2 [E, H], router_bias / correction_bias [E] -> [T, H] in x's dtype."""
+    fn = _BACKENDS[select_backend(backend, x.device)]
+    return fn(
+        x, router_weight, router_bias, correction_bias, w13, w2, b13, b2,
+        top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
+    )
+
+
+@fused_moe.register_fake
+def _fused_moe_fake(x, *args, **kwargs):
+    return torch.empty_like(x)
+
+
+# ---- autograd: the backward is itself an op (opaque to tracing), recomputing the reference under autograd ----
+
+_DIFFERENTIABLE = ("x", "router_weight", "router_bias", "w13", "w2", "b13", "b2")
+
+
+def _autograd_inside_op():
+    """Re-enable autograd inside an op implementation (the dispatcher excludes it there) to recompute the forward.
+
+    Only the autograd keys are lifted; autocast stays excluded as the dispatcher set it.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    exclude = exclude.remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op("moe_compile::fused_moe_backward", mutates_args=())
+def fused_moe_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> list[Tensor]:
+    """Gradients for (x, router_weight, router_bias, w13, w2, b13, b2); absent tensors give empty gradients."""
+    inputs = [x, router_weight, router_bias, w13, w2, b13, b2]
+    with _autograd_inside_op(), torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        lx, lrw, lrb, lw13, lw2, lb13, lb2 = leaves
+        out = reference.torch_fused_moe(
+            lx, lrw, lrb, correction_bias, lw13, lw2, lb13, lb2,
+            top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
+        )
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
+    result = []
+    for leaf in leaves:
+        grad = None if leaf is None else next(grads)
+        if leaf is None:
+            result.append(torch.empty(0, device=x.device, dtype=x.dtype))
+        else:
+            result.append(torch.zeros_like(leaf) if grad is None else grad)
+    return result
+
+
+@fused_moe_backward.register_fake
+def _fused_moe_backward_fake(grad_out, x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, *scalars):
+    tensors = [x, router_weight, router_bias, w13, w2, b13, b2]
+    return [torch.empty(0, device=x.device, dtype=x.dtype) if t is None else torch.empty_like(t) for t in tensors]
+
+
+_SCALARS = ("top_k", "scoring", "renormalize", "n_group", "topk_group", "routed_scaling", "weight_on_input",
+            "activation", "alpha", "limit")
+
+
+def _setup_context(ctx, inputs, output):
+    (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, *scalars) = inputs
+    ctx.save_for_backward(x, router_weight, w13, w2)
+    ctx.optional = (router_bias, correction_bias, b13, b2)
+    ctx.scalars = scalars[: len(_SCALARS)]
+
+
+def _backward(ctx, grad_out):
+    x, router_weight, w13, w2 = ctx.saved_tensors
+    router_bias, correction_bias, b13, b2 = ctx.optional
+    grads = fused_moe_backward(grad_out, x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, *ctx.scalars)
+    g = dict(zip(_DIFFERENTIABLE, grads))
+    none_if_absent = {"router_bias": router_bias, "b13": b13, "b2": b2}
+    for name, tensor in none_if_absent.items():
+        if tensor is None:
+            g[name] = None
+    # one gradient per op input: x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, scalars..., backend
+    return (g["x"], g["router_weight"], g["router_bias"], None, g["w13"], g["w2"], g["b13"], g["b2"]) + (None,) * (
+        len(_SCALARS) + 1
+    )
+
+
+fused_moe.register_autograd(_backward, setup_context=_setup_context)
