@@ -1,0 +1,100 @@
+"""The public verbs: `inspect(model)` and `optimize(model, profile, **overrides)`.
+
+optimize = detect -> prove -> rewrite + verify (per block, all or nothing) -> emit. A block that cannot be proven,
+or whose fused version misses its tolerance on probe inputs, stays as it was and is reported with the reason.
+Any unexpected error puts every block back before it propagates, so a failed `optimize` leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from moe_compile.detect import Candidate, find_candidates
+from moe_compile.emit import apply_emit
+from moe_compile.profiles import load_profile, resolve_features
+from moe_compile.progress import progress
+from moe_compile.prove import Proof, prove
+from moe_compile.report import BlockInfo, InspectReport, OptimizeResult
+from moe_compile.rewrite import BlockSwap, fuse_block
+
+log = logging.getLogger("moe_compile")
+
+
+def model_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def _block_info(candidate: Candidate, proof: Optional[Proof]) -> BlockInfo:
+    spec = proof.spec if proof else None
+    shared = "gated" if candidate.shared_gate_path else ("plain" if candidate.shared_expert_path else "none")
+    reason = candidate.reason or (proof.reason if proof and not proof.proven else None)
+    return BlockInfo(
+        name=candidate.name, class_name=candidate.class_name, num_experts=candidate.num_experts,
+        top_k=spec.top_k if spec else candidate.hints.top_k, hidden_size=candidate.hidden_size,
+        intermediate_size=candidate.intermediate_size,
+        scoring=spec.scoring if spec else candidate.hints.scoring, shared_expert=shared,
+        supported=reason is None, reason=reason, spec=spec, proof_error=proof.error if proof and spec else None,
+    )
+
+
+def inspect(model: nn.Module, prove_blocks: bool = True) -> InspectReport:
+    """Find every MoE block; with `prove_blocks` also identify what each computes (on copies; the model is untouched)."""
+    candidates = find_candidates(model, model_config(model))
+    report = InspectReport(type(model).__name__)
+    for candidate in progress(candidates, "proving MoE blocks", enabled=prove_blocks):
+        proof = prove(candidate) if prove_blocks and candidate.supported else None
+        report.blocks.append(_block_info(candidate, proof))
+    return report
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **overrides: Any) -> nn.Module:
+    """Rewrite `model` in place and return it; `model.moe_compile` says what was applied."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    verify = overrides.pop("verify", True)
+    chosen = load_profile(profile).with_overrides(overrides)
+    device = _model_device(model)
+    plan = resolve_features(chosen, device)
+    result = OptimizeResult(profile=chosen.name, device=str(device), backend=chosen.backend,
+                            features=dict(plan.enabled), unavailable=dict(plan.unavailable))
+    swaps: list[BlockSwap] = []
+    try:
+        if plan.enabled["fuse_moe"]:
+            swaps = _fuse_all(model, chosen.backend, verify, result)
+        apply_emit(model, plan.enabled, result)
+    except BaseException:
+        for swap in reversed(swaps):
+            swap.undo()
+        raise
+    model.moe_compile = result
+    return model
+
+
+def _fuse_all(model: nn.Module, backend: str, verify: bool, result: OptimizeResult) -> list[BlockSwap]:
+    result.passes.append("detect")
+    candidates = find_candidates(model, model_config(model))
+    result.passes += ["prove", "rewrite"] + (["verify"] if verify else [])
+    swaps = []
+    for candidate in progress(candidates, "fusing MoE blocks"):
+        outcome = fuse_block(model, candidate, backend, verify)
+        if outcome.swap is None:
+            result.skipped[candidate.name] = outcome.reason
+            continue
+        swaps.append(outcome.swap)
+        result.fused.append(candidate.name)
+        result.specs[candidate.name] = outcome.spec
+        result.block_errors[candidate.name] = outcome.error
+    result.pass_counts["rewrite"] = len(result.fused)
+    return swaps

@@ -1,0 +1,52 @@
+"""The `torch.compile` backend named `moe_compile`: our graph passes over the captured FX graph, then Inductor.
+
+    torch.compile(model, backend="moe_compile")                         # passes, then Inductor
+    torch.compile(model, backend="moe_compile", options={"inner": "eager", "backend": "reference"})
+
+Options: `inner` ("inductor" default, or "eager" to run the passed graph as is), `backend` (pin the fused_moe
+kernel, see passes/select_backend.py), `dump_dir` (per-pass graph dumps). Counters: see moe_compile.counters.
+The model should have been through `moe_compile.optimize` first, so its MoE blocks are `fused_moe` nodes; on
+other graphs the passes find nothing and the backend is plain Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from moe_compile.counters import counters
+from moe_compile.passes import DEFAULT_PIPELINE, PassManager
+
+log = logging.getLogger("moe_compile")
+BACKEND_NAME = "moe_compile"
+_registered = False
+
+
+def moe_compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
+    options = dict(options or {})
+    inner = options.pop("inner", "inductor")
+    manager = PassManager(list(DEFAULT_PIPELINE), options=options, dump_dir=options.get("dump_dir"))
+    gm = manager(gm)
+    counters["moe_compile"]["graphs"] += 1
+    log.debug("moe_compile backend: %s", manager.history)
+    if inner == "eager":
+        return gm.forward
+    if inner != "inductor":
+        raise ValueError(f"option inner must be 'inductor' or 'eager', got {inner!r}")
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def register_compile_backend() -> None:
+    """Make `backend="moe_compile"` known to torch.compile (idempotent; done on `import moe_compile`)."""
+    global _registered
+    if _registered:
+        return
+    from torch._dynamo import list_backends, register_backend
+
+    if BACKEND_NAME not in list_backends(exclude_tags=()):
+        register_backend(compiler_fn=moe_compile_backend, name=BACKEND_NAME)
+    _registered = True

@@ -1,0 +1,92 @@
+"""Tile configurations of the expert GEMMs, picked by shape on the host (no autotuning: nothing to time at
+capture, the same config for the same shape every call).
+
+Two regimes, told apart by the average routed rows per expert (N / E, balanced routing assumed):
+- decode (<= 16 rows per expert): each weight byte is read once and the time is bytes / bandwidth. BLOCK_M = 16
+  (the smallest tensor-core tile); column tiles and split-K are chosen so that at least ~4 programs per SM stream
+  weights at once, since with 1 token only K experts have work (Qwen3: 8 tiles).
+- prefill: tensor-core bound; BLOCK_M grows with the rows per expert so that few slots are padding.
+
+Dimension legend: N = T*K routed rows, E = experts, H = hidden, I = intermediate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# At least this many programs in flight per SM keep enough loads outstanding to reach copy bandwidth on a
+# memory-bound GEMM (an H100 SM holds ~2-4 of these 4-warp programs at once).
+PROGRAMS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+    group_m: int  # slot tiles that share an L2 window (prefill reuse); 1 at decode
+    atomic_combine: bool  # down adds into [T, H] fp32 with atomics; else writes [N, H] and sums over K
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():  # Triton's CPU interpreter: an H100's count, so configs match the GPU
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def expected_tiles(num_rows: int, num_experts: int, block_m: int) -> float:
+    """Tiles used by balanced random routing: each expert that gets rows takes at least one tile."""
+    active = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** num_rows)
+    return max(active, num_rows / block_m)
+
+
+def _decode_n(columns: int, tiles: float, sms: int) -> int:
+    """Largest column tile (64 down to 16) that still gives PROGRAMS_PER_SM programs per SM."""
+    for block_n in (64, 32):
+        if tiles * triton.cdiv(columns, block_n) >= PROGRAMS_PER_SM * sms:
+            return block_n
+    return 16
+
+
+def _split_k(columns: int, depth: int, block_n: int, block_k: int, tiles: float, sms: int) -> int:
+    """Split the reduction of the down GEMM when there are too few (tile, column tile) programs; every split
+    adds one more fp32 atomic per output element, so only as far as needed and never below 2 BK steps each."""
+    programs = tiles * triton.cdiv(columns, block_n)
+    wanted = math.ceil(PROGRAMS_PER_SM * sms / programs)
+    return max(1, min(wanted, depth // (2 * block_k), 16))
+
+
+def select_config(num_rows: int, num_experts: int, hidden: int, inter: int, device_index: int) -> MoEConfig:
+    sms = num_sms(device_index)
+    rows_per_expert = num_rows / num_experts
+    if rows_per_expert <= 16:
+        tiles = expected_tiles(num_rows, num_experts, 16)
+        # BK = 128: 16 rows x 128 x 2 B = 4 KB of x and 4-8 KB of weights a stage; 4 stages keep ~40 KB
+        # of loads in flight per program, plenty to cover DRAM latency at decode
+        gate_up = GemmConfig(_decode_n(inter, tiles, sms), 128, 4, 4)
+        down_n = _decode_n(hidden, tiles, sms)
+        down = GemmConfig(down_n, 128, 4, 4, _split_k(hidden, inter, down_n, 128, tiles, sms))
+        return MoEConfig(16, gate_up, down, group_m=1, atomic_combine=True)
+    if rows_per_expert <= 48:
+        # 32-64 rows a tile: still mostly weight streaming; 64-wide columns, 4 warps
+        return MoEConfig(32, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4), group_m=4, atomic_combine=True)
+    if rows_per_expert <= 160:
+        return MoEConfig(64, GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4), group_m=8, atomic_combine=True)
+    # prefill: 128 x 64 (x2 for gate and up) accumulators over 8 warps = 64 fp32 registers a thread each for the
+    # two accumulators; BK = 64 with 3 stages = 3 x 32 KB of shared memory
+    return MoEConfig(128, GemmConfig(64, 64, 8, 3), GemmConfig(128, 64, 8, 3), group_m=8, atomic_combine=True)

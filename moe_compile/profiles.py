@@ -1,0 +1,142 @@
+"""Profiles are data: YAML files naming each feature `true`, `false` or `auto`, plus the kernel backend.
+
+Built-in profiles live in `moe_compile/profile_data/*.yaml`; a user passes their own file path the same way
+(`optimize(model, profile="my.yaml")`, `moe-compile optimize --profile my.yaml`). Overrides (`fp8=False`,
+`--enable-compile`) apply on top. `resolve_features` turns the result into on/off decisions for one device: `auto`
+means on where the feature is available and useful there; `true` for a feature this version lacks is an error
+that names the reason, never a silent claim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import yaml
+
+from moe_compile.errors import FeatureUnavailableError, ProfileError
+
+FeatureValue = Union[bool, str]  # True, False or "auto"
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+def _never(reason: str) -> Callable[[torch.device], Optional[str]]:
+    return lambda device: reason
+
+
+def _always(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _tensorrt(device: torch.device) -> Optional[str]:
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError:
+        return "torch-tensorrt is not installed (pip install 'moe-compile[tensorrt]')"
+    return "the torch-tensorrt backend is not in this version of moe_compile"
+
+
+# feature -> (what it does, why it is unavailable on a device or None, whether `auto` turns it on there)
+FEATURES: dict[str, tuple[str, Callable[[torch.device], Optional[str]], Callable[[torch.device], bool]]] = {
+    "fuse_moe": ("rewrite proven MoE blocks to one fused op", _always, lambda d: True),
+    "compile": ("torch.compile with the moe_compile backend (Inductor)", _always, lambda d: d.type == "cuda"),
+    "cuda_graphs": ("decode steps replayed from captured CUDA graphs",
+                    _never("CUDA-graph emission is not in this version of moe_compile"), lambda d: d.type == "cuda"),
+    "specialize_phase": ("separate decode and prefill kernels",
+                         _never("prefill/decode specialisation is not in this version of moe_compile"),
+                         lambda d: d.type == "cuda"),
+    "fuse_shared_expert": ("shared expert computed inside the fused op",
+                           _never("shared-expert fusion is not in this version of moe_compile"), lambda d: True),
+    "fp8": ("FP8 expert weights and activations", _never("FP8 is not in this version of moe_compile"),
+            lambda d: d.type == "cuda"),
+    "sparsity_24": ("2:4 sparse expert weights", _never("2:4 sparsity is not in this version of moe_compile"),
+                    lambda d: d.type == "cuda"),
+    "tensorrt": ("torch-tensorrt emission", _tensorrt, lambda d: False),
+}
+
+
+@dataclass
+class Profile:
+    name: str
+    features: dict[str, FeatureValue]
+    backend: str = "auto"
+    description: str = ""
+    source: str = ""
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Profile":
+        features = dict(self.features)
+        backend = self.backend
+        for key, value in overrides.items():
+            if key == "backend":
+                backend = _check_backend(value)
+            elif key in FEATURES:
+                features[key] = _check_value(key, value)
+            else:
+                valid = ", ".join(sorted([*FEATURES, "backend"]))
+                raise ProfileError(f"unknown option {key!r}; valid options: {valid}")
+        return Profile(self.name, features, backend, self.description, self.source)
+
+
+@dataclass
+class FeaturePlan:
+    enabled: dict[str, bool] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # asked for with `auto`, not applied, and why
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("moe_compile").joinpath("profile_data").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: Union[str, Path]) -> Profile:
+    text, source = _profile_text(str(name_or_path))
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {source} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("features", {}), dict):
+        raise ProfileError(f"profile {source} must be a mapping with a 'features' mapping")
+    unknown = set(data) - {"name", "description", "features", "backend"}
+    if unknown:
+        raise ProfileError(f"profile {source}: unknown keys {sorted(unknown)} (valid: name, description, features, "
+                           "backend)")
+    base = Profile(str(data.get("name", Path(source).stem)), {k: "auto" if k != "fuse_moe" else True for k in FEATURES},
+                   description=str(data.get("description", "")), source=source)
+    return base.with_overrides({**data.get("features", {}), "backend": data.get("backend", "auto")})
+
+
+def _profile_text(name: str) -> tuple[str, str]:
+    if name in builtin_profiles():
+        return resources.files("moe_compile").joinpath("profile_data").joinpath(f"{name}.yaml").read_text(), f"built-in '{name}'"
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path.read_text(), str(path)
+    raise ProfileError(f"unknown profile {name!r}: use one of {builtin_profiles()} or a path to a .yaml file")
+
+
+def _check_value(key: str, value: Any) -> FeatureValue:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ProfileError(f"feature {key!r} must be true, false or auto, got {value!r}")
+
+
+def _check_backend(value: Any) -> str:
+    if value not in BACKENDS:
+        raise ProfileError(f"backend must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def resolve_features(profile: Profile, device: torch.device) -> FeaturePlan:
+    plan = FeaturePlan()
+    for name, value in profile.features.items():
+        _, why_not, auto_on = FEATURES[name]
+        reason = why_not(device)
+        if value is True and reason:
+            raise FeatureUnavailableError(f"feature {name!r} was forced on, but {reason}; "
+                                          f"turn it off (--disable-{name.replace('_', '-')} or {name}=False)")
+        if value == "auto" and reason and auto_on(device):
+            plan.unavailable[name] = reason
+        plan.enabled[name] = bool(value is True or (value == "auto" and not reason and auto_on(device)))
+    return plan

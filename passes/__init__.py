@@ -1,0 +1,12 @@
+"""Graph passes over `fused_moe` nodes (installed as `moe_compile.passes`). See README.md for the invariants."""
+
+from moe_compile.passes.annotate_moe import ANNOTATE_MOE
+from moe_compile.passes.base import GraphPass, PassManager, PassOrderError, PassResult
+from moe_compile.passes.cleanup import CLEANUP
+from moe_compile.passes.fused_nodes import fused_moe_nodes, is_fused_moe
+from moe_compile.passes.select_backend import SELECT_BACKEND
+
+DEFAULT_PIPELINE = [ANNOTATE_MOE, SELECT_BACKEND, CLEANUP]
+
+__all__ = ["ANNOTATE_MOE", "CLEANUP", "DEFAULT_PIPELINE", "GraphPass", "PassManager", "PassOrderError",
+           "PassResult", "SELECT_BACKEND", "fused_moe_nodes", "is_fused_moe"]
