@@ -19,3 +19,8 @@ register_compile_backend()
 
 __all__ = ["FeatureUnavailableError", "MissingDependencyError", "MoECompileError", "MoESpec", "ModelLoadError",
            "ProfileError", "__version__", "builtin_profiles", "inspect", "load_profile", "optimize"]
+
+from moe_compile.checkpoint import export, load  # noqa: E402
+from moe_compile.errors import CheckpointError  # noqa: E402
+
+__all__ += ["CheckpointError", "export", "load"]

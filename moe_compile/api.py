@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_compile.detect import Candidate, find_candidates
 from moe_compile.emit import apply_emit
+from moe_compile.fused_block import FusedMoEBlock
 from moe_compile.profiles import load_profile, resolve_features
 from moe_compile.progress import progress
 from moe_compile.prove import Proof, prove
@@ -45,7 +46,8 @@ def _block_info(candidate: Candidate, proof: Optional[Proof]) -> BlockInfo:
 
 
 def inspect(model: nn.Module, prove_blocks: bool = True) -> InspectReport:
-    """Find every MoE block; with `prove_blocks` also identify what each computes (on copies; the model is untouched)."""
+    """Find every MoE block; with `prove_blocks` also identify what each computes (on copies: the model is
+    untouched)."""
     candidates = find_candidates(model, model_config(model))
     report = InspectReport(type(model).__name__)
     for candidate in progress(candidates, "proving MoE blocks", enabled=prove_blocks):
@@ -72,7 +74,7 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     swaps: list[BlockSwap] = []
     try:
         if plan.enabled["fuse_moe"]:
-            swaps = _fuse_all(model, chosen.backend, verify, result)
+            _fuse_all(model, chosen.backend, verify, result, swaps)  # fills `swaps` as it goes, for the undo below
         apply_emit(model, plan.enabled, result)
     except BaseException:
         for swap in reversed(swaps):
@@ -82,11 +84,13 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     return model
 
 
-def _fuse_all(model: nn.Module, backend: str, verify: bool, result: OptimizeResult) -> list[BlockSwap]:
+def _fuse_all(model: nn.Module, backend: str, verify: bool, result: OptimizeResult, swaps: list[BlockSwap]) -> None:
+    """Fuse every candidate; each applied swap is appended to `swaps` at once, so a failure on a later block can
+    still undo the earlier ones."""
     result.passes.append("detect")
+    _record_already_fused(model, result)
     candidates = find_candidates(model, model_config(model))
     result.passes += ["prove", "rewrite"] + (["verify"] if verify else [])
-    swaps = []
     for candidate in progress(candidates, "fusing MoE blocks"):
         outcome = fuse_block(model, candidate, backend, verify)
         if outcome.swap is None:
@@ -96,5 +100,15 @@ def _fuse_all(model: nn.Module, backend: str, verify: bool, result: OptimizeResu
         result.fused.append(candidate.name)
         result.specs[candidate.name] = outcome.spec
         result.block_errors[candidate.name] = outcome.error
-    result.pass_counts["rewrite"] = len(result.fused)
-    return swaps
+    result.pass_counts["rewrite"] = len(swaps)
+
+
+def _record_already_fused(model: nn.Module, result: OptimizeResult) -> None:
+    """A second `optimize` finds no candidates where blocks are fused already: report those as fused, not lose them."""
+    previous = getattr(model, "moe_compile", None)
+    for name, module in model.named_modules():
+        if isinstance(module, FusedMoEBlock):
+            result.fused.append(name)
+            result.specs[name] = module.spec
+            if isinstance(previous, OptimizeResult) and name in previous.block_errors:
+                result.block_errors[name] = previous.block_errors[name]

@@ -4,7 +4,8 @@
     torch.compile(model, backend="moe_compile", options={"inner": "eager", "backend": "reference"})
 
 Options: `inner` ("inductor" default, or "eager" to run the passed graph as is), `backend` (pin the fused_moe
-kernel, see passes/select_backend.py), `dump_dir` (per-pass graph dumps). Counters: see moe_compile.counters.
+kernel, see passes/select_backend.py), `dump_dir` (per-pass graph dumps, one `graph_NNN/` folder per captured
+graph; `MOE_COMPILE_DUMP=DIR` does the same). Unknown options are an error. Counters: see moe_compile.counters.
 The model should have been through `moe_compile.optimize` first, so its MoE blocks are `fused_moe` nodes; on
 other graphs the passes find nothing and the backend is plain Inductor.
 """
@@ -12,6 +13,7 @@ other graphs the passes find nothing and the backend is plain Inductor.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -24,20 +26,42 @@ BACKEND_NAME = "moe_compile"
 _registered = False
 
 
+OPTIONS = ("inner", "backend", "dump_dir")
+
+
 def moe_compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
     options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown moe_compile backend options {unknown}; valid: {list(OPTIONS)}")
     inner = options.pop("inner", "inductor")
-    manager = PassManager(list(DEFAULT_PIPELINE), options=options, dump_dir=options.get("dump_dir"))
-    gm = manager(gm)
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"option inner must be 'inductor' or 'eager', got {inner!r}")
+    graph_index = counters["moe_compile"]["graphs"]
     counters["moe_compile"]["graphs"] += 1
+    dump_dir = options.get("dump_dir") or os.environ.get("MOE_COMPILE_DUMP")
+    if dump_dir:  # one folder per captured graph, so graph breaks do not overwrite each other's dumps
+        dump_dir = os.path.join(dump_dir, f"graph_{graph_index:03d}")
+    manager = PassManager(list(DEFAULT_PIPELINE), options=options, dump_dir=dump_dir)
+    gm = manager(gm)
     log.debug("moe_compile backend: %s", manager.history)
     if inner == "eager":
         return gm.forward
-    if inner != "inductor":
-        raise ValueError(f"option inner must be 'inductor' or 'eager', got {inner!r}")
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    try:
+        return compile_fx(gm, example_inputs)
+    except BaseException:
+        # Dynamo may restart the frame from here (e.g. TensorifyScalarRestartAnalysis for float scalars) and call
+        # us again on a new graph: take this graph's counts back so counters describe the graphs that run.
+        _uncount(manager)
+        raise
+
+
+def _uncount(manager: PassManager) -> None:
+    counters["moe_compile"]["graphs"] -= 1
+    for name, count in manager.history:
+        counters["moe_compile"][name] -= count
 
 
 def register_compile_backend() -> None:

@@ -19,3 +19,7 @@ class ModelLoadError(MoECompileError, ValueError):
 
 class MissingDependencyError(MoECompileError, ImportError):
     """An optional dependency is missing; the message names the extra that installs it."""
+
+
+class CheckpointError(MoECompileError, RuntimeError):
+    """An optimized checkpoint cannot be written or read: missing, incomplete, tampered or from a newer version."""

@@ -88,6 +88,8 @@ class FusedMoEBlock(nn.Module):
         logits = reference.router_logits(x, self.router_weight, self.router_bias)  # [T, E]
         if kind == "router_logits":
             return logits
+        if kind == "router_probs":
+            return logits.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
         s = self.spec
         weights, ids = reference.route(logits, self.correction_bias, s.top_k, s.scoring, s.renormalize, s.n_group,
                                        s.topk_group, s.routed_scaling)  # [T, K]

@@ -104,7 +104,10 @@ def load_profile(name_or_path: Union[str, Path]) -> Profile:
                            "backend)")
     base = Profile(str(data.get("name", Path(source).stem)), {k: "auto" if k != "fuse_moe" else True for k in FEATURES},
                    description=str(data.get("description", "")), source=source)
-    return base.with_overrides({**data.get("features", {}), "backend": data.get("backend", "auto")})
+    try:
+        return base.with_overrides({**data.get("features", {}), "backend": data.get("backend", "auto")})
+    except ProfileError as exc:  # name the file: the same check serves overrides, which have none
+        raise ProfileError(f"profile {source}: {exc}") from exc
 
 
 def _profile_text(name: str) -> tuple[str, str]:

@@ -3,7 +3,8 @@
 The block is copied, every weight of the copy is redrawn at random (decisive router logits, non-zero biases), so the
 proof covers the block as a function and not only its current weights; then candidate specs from a small family
 (scoring, renorm, grouped top-k, scaling, weight on input, activation, layout, shared expert) are tried in order of
-the structural hints, and the first one that reproduces the copy on every probe input in fp64 is accepted.
+the structural hints, and the first one that reproduces the copy on every probe input in fp64 is accepted (in fp32
+for blocks that cannot run in fp64). Classes in KNOWN_UNSUPPORTED are not searched: they are skipped with the reason.
 
 Dimension legend: T = tokens, E = experts, K = top_k, H = hidden.
 """
@@ -48,14 +49,12 @@ class Proof:
 def prove(candidate: Candidate, seed: int = 0) -> Proof:
     if candidate.reason:
         return Proof(reason=candidate.reason)
+    if candidate.class_name in KNOWN_UNSUPPORTED:  # fast path: a search that cannot succeed is not run
+        return Proof(reason=KNOWN_UNSUPPORTED[candidate.class_name])
     if any(p.is_meta for p in candidate.module.parameters()):
         return Proof(reason="weights are on the meta device: nothing to prove on (load real weights first)")
-    generator = torch.Generator().manual_seed(seed)
-    probe_block = _randomized_copy(candidate, generator)
+    probe_block, inputs, expected = _probe(candidate, seed)
     dtype = next(probe_block.parameters()).dtype
-    inputs = _probe_inputs(candidate, probe_block, generator)
-    with torch.no_grad():
-        expected = [probe_block(x) for x in inputs]
     returns_tuple = isinstance(expected[0], tuple)
     flat = block_output_tensor(expected[0]).dim() == 2 and inputs[0].dim() == 3
     proof = _search(candidate, probe_block, inputs, expected, returns_tuple, flat, PROOF_RTOL[dtype])
@@ -66,11 +65,30 @@ def prove(candidate: Candidate, seed: int = 0) -> Proof:
     return proof
 
 
-def _randomized_copy(candidate: Candidate, generator: torch.Generator) -> nn.Module:
+def _probe(candidate: Candidate, seed: int):
+    """(randomized copy, probe inputs, its outputs): in fp64 where it fits and runs, else in fp32.
+
+    Some blocks hard-code fp32 intermediates (transformers 4.5x DeepSeek-V3 / GLM4 accumulate into a buffer of the
+    fp32 routing weights' dtype) and cannot run in fp64; those are proven in fp32, with the fp32 tolerance.
+    """
+    nbytes = sum(p.numel() for p in candidate.module.parameters()) * 8
+    dtypes = [torch.float64, torch.float32] if nbytes <= FP64_BUDGET_BYTES else [torch.float32]
+    for dtype in dtypes:
+        generator = torch.Generator().manual_seed(seed)
+        probe_block = _randomized_copy(candidate, generator, dtype)
+        inputs = _probe_inputs(candidate, probe_block, generator)
+        try:
+            with torch.no_grad():
+                return probe_block, inputs, [probe_block(x) for x in inputs]
+        except RuntimeError:
+            if dtype == dtypes[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _randomized_copy(candidate: Candidate, generator: torch.Generator, dtype: torch.dtype) -> nn.Module:
     block = candidate.module
-    nbytes = sum(p.numel() for p in block.parameters()) * 8
-    device = torch.device("cpu") if nbytes <= FP64_BUDGET_BYTES else next(block.parameters()).device
-    dtype = torch.float64 if nbytes <= FP64_BUDGET_BYTES else torch.float32
+    device = torch.device("cpu") if dtype == torch.float64 else next(block.parameters()).device
     probe = copy.deepcopy(block).to(device=device, dtype=dtype).eval()
     _use_eager_experts(probe)
     with torch.no_grad():
@@ -135,7 +153,7 @@ def _search(candidate, probe_block, inputs, expected, returns_tuple, flat, rtol)
 
 
 def _match_aux(fused: FusedMoEBlock, inputs, expected, rtol) -> Optional[str]:
-    for kind in ("router_logits", "topk_weights", "dense_scores", "none"):
+    for kind in ("router_logits", "topk_weights", "dense_scores", "router_probs", "none"):
         fused.spec = fused.spec.replace(aux_output=kind)
         with torch.no_grad():
             ok = all(_aux_equal(fused(x)[1], e[1], rtol) for x, e in zip(inputs, expected))
@@ -169,9 +187,10 @@ def _candidate_specs(candidate: Candidate, returns_tuple: bool, flat: bool) -> I
     corrections = [True, False] if candidate.router.correction_bias_path else [False]
     activations = _ordered("swiglu_oai" if h.custom_gate else (h.activation or "silu"), ACTIVATIONS)
     shared = "gated" if candidate.shared_gate_path else ("plain" if candidate.shared_expert_path else "none")
-    for layout in candidate.layouts:
-        for top_k, act, scoring, renorm, woi, group, scaling, corr in itertools.product(
-                top_ks, activations, scorings, renorms, (False, True), groups, scalings, corrections):
+    # activation outermost: the hinted one is tried on every layout reading before the next activation
+    for act, layout in itertools.product(activations, candidate.layouts):
+        for top_k, scoring, renorm, woi, group, scaling, corr in itertools.product(
+                top_ks, scorings, renorms, (False, True), groups, scalings, corrections):
             if not layout.gated and act == "swiglu_oai":
                 continue
             yield MoESpec(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moe_compile.spec import MoESpec
@@ -55,7 +56,7 @@ class InspectReport:
         for b in self.blocks:
             routing = b.spec.routing_summary() if b.spec else (b.scoring or "?")
             act = b.spec.activation if b.spec else "?"
-            status = "proven" if b.spec else ("ok" if b.supported else f"skip: {b.reason}")
+            status = "proven" if b.spec else ("ok" if b.supported else escape(f"skip: {b.reason}"))
             table.add_row(b.name, b.class_name, str(b.num_experts), str(b.top_k or "?"), str(b.hidden_size),
                           str(b.intermediate_size), routing, act, b.shared_expert, status)
         return table
@@ -100,9 +101,9 @@ class OptimizeResult:
             table.add_row(name, "fused", f"E={spec.num_experts} k={spec.top_k} {spec.routing_summary()} "
                                          f"{spec.activation}; error {self.block_errors[name]:.1e}")
         for name, reason in self.skipped.items():
-            table.add_row(name, "skipped", reason)
+            table.add_row(name, "skipped", escape(reason))
         for name, reason in self.unavailable.items():
-            table.add_row(f"feature {name}", "unavailable", reason)
+            table.add_row(f"feature {name}", "unavailable", escape(reason))
         return table
 
     def __str__(self) -> str:

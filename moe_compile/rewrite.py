@@ -83,8 +83,10 @@ def fuse_block(model: nn.Module, candidate: Candidate, backend: str = "auto", ve
     error = 0.0
     if verify:
         original.eval()
-        error = verify_block(original, fused, candidate)
-        original.train(was_training)
+        try:
+            error = verify_block(original, fused, candidate)
+        finally:
+            original.train(was_training)
         tolerance = VERIFY_RTOL.get(fused.w13.dtype, 2e-2)
         if not error <= tolerance:
             return FuseOutcome(reason=f"fused block misses its tolerance on probes (relative error {error:.2e} > "

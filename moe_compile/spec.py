@@ -20,7 +20,8 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
 #  router_logits  [T, E] logits of the router, in the model dtype
 #  topk_weights   [T, K] final routing weights, sorted by score (GPT-OSS, transformers 5)
 #  dense_scores   [T, E] routing weights scattered into zeros (GPT-OSS, transformers 4.5x)
-AUX_OUTPUTS = ("none", "router_logits", "topk_weights", "dense_scores")
+#  router_probs   [T, E] softmax of the router logits, in the model dtype (DBRX, transformers 4.5x)
+AUX_OUTPUTS = ("none", "router_logits", "topk_weights", "dense_scores", "router_probs")
 
 
 @dataclass(frozen=True)

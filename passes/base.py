@@ -50,10 +50,12 @@ class PassManager:
 
     def check_order(self) -> None:
         seen: list[str] = []
+        order = [p.name for p in self.passes]
         for p in self.passes:
             missing = [r for r in p.requires if r not in seen]
             if missing:
-                raise PassOrderError(f"pass {p.name!r} requires {missing} to run before it; order so far: {seen}")
+                raise PassOrderError(f"pass {p.name!r} requires {missing} to run before it; passes before it: "
+                                     f"{seen}; pipeline order: {order}")
             seen.append(p.name)
 
     def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("MOE_COMPILE_QUIET", "1")
+# Tiny models gain nothing from intra-op threads; on a busy 2-core CI machine spinning OpenMP workers cost more
+# than the ops (measured ~10x on the model tests). Subprocesses (CLI, transformers 4.x runs) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # Relative L2 error ||out - ref|| / ||ref|| allowed per dtype, paired with what that dtype can represent.
 # fp32: the fused op and the original compute the same products in a different order.

@@ -13,6 +13,8 @@ from torch import nn
 from moe_compile.detect.candidate import Hints, get_path
 
 TOP_K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "num_activated_experts", "experts_per_token", "k")
+# Read from modules only: on a transformers 4.5x config `top_k` is the sampling default (50), not the router's.
+MODULE_ONLY_NAMES = ("top_k", "k")
 RENORM_NAMES = ("norm_topk_prob", "renormalize", "normalize_expert_weights", "moe_normalize_expert_weights")
 SCALING_NAMES = ("routed_scaling_factor", "route_scale", "routed_scaling")
 GROUP_NAMES = ("n_group", "num_group", "num_expert_group")
@@ -46,19 +48,23 @@ def _sources(block: nn.Module, router_path: str, expert_paths: list[str], config
     return sources
 
 
-def _first(sources: list[Any], names: tuple[str, ...], kinds: tuple[type, ...]) -> Optional[Any]:
+def _first(sources: list[Any], names: tuple[str, ...], kinds: tuple[type, ...], valid=None) -> Optional[Any]:
     for source in sources:
         for name in names:
+            if name in MODULE_ONLY_NAMES and not isinstance(source, nn.Module):
+                continue
             value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
-            if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+            if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds) and \
+                    (valid is None or valid(value)):
                 return value
     return None
 
 
-def read_hints(block: nn.Module, router_path: str, expert_paths: list[str], config: Any = None) -> Hints:
+def read_hints(block: nn.Module, router_path: str, expert_paths: list[str], config: Any = None,
+               num_experts: Optional[int] = None) -> Hints:
     sources = _sources(block, router_path, expert_paths, config)
     hints = Hints()
-    hints.top_k = _first(sources, TOP_K_NAMES, (int,))
+    hints.top_k = _first(sources, TOP_K_NAMES, (int,), lambda k: 1 <= k <= (num_experts or k))
     renorm = _first(sources, RENORM_NAMES, (bool, int, float))
     hints.renormalize = None if renorm is None else bool(renorm)
     scoring = _first(sources, SCORING_NAMES, (str,))
@@ -69,7 +75,8 @@ def read_hints(block: nn.Module, router_path: str, expert_paths: list[str], conf
     hints.alpha = float(_first(sources, ALPHA_NAMES, (int, float)) or 1.702)
     hints.limit = float(_first(sources, LIMIT_NAMES, (int, float)) or 7.0)
     hints.activation = _activation_hint(block, sources)
-    hints.custom_gate = any(_overrides_apply_gate(get_path(block, p)) for p in expert_paths)
+    experts = [get_path(block, p) for p in expert_paths]
+    hints.custom_gate = any(_overrides_apply_gate(e) or _has_clamp_scalars(e) for e in experts)
     return hints
 
 
@@ -84,6 +91,12 @@ def _activation_hint(block: nn.Module, sources: list[Any]) -> Optional[str]:
             return ACTIVATION_NAMES[ffn_act["name"]]
     value = _first(sources, ACT_NAMES, (str,))
     return ACTIVATION_NAMES.get(value) if value else None
+
+
+def _has_clamp_scalars(experts: nn.Module) -> bool:
+    """Experts that carry both a gate slope and a clamp limit (GPT-OSS in 4.5x, which has no `_apply_gate`)."""
+    return any(isinstance(getattr(experts, n, None), float) for n in ALPHA_NAMES) and \
+        any(isinstance(getattr(experts, n, None), float) for n in LIMIT_NAMES)
 
 
 def _overrides_apply_gate(experts: nn.Module) -> bool:

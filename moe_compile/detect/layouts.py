@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from moe_compile.detect.candidate import CanonicalWeights, ExpertLayout, get_path
+from moe_compile.detect.candidate import CanonicalWeights, ExpertLayout
 
 GATE_NAMES = ("gate_proj", "w1", "gate", "wi_0")
 UP_NAMES = ("up_proj", "w3", "v1", "up", "wi_1")
@@ -89,8 +89,10 @@ def _intermediate_from_down(down: ExpertTensor, hidden: int) -> list[int]:
 
 
 def _two_tensor_layouts(tensors: list[ExpertTensor], hidden: int, concatenated: Optional[bool]) -> list[ExpertLayout]:
-    ordered = sorted(itertools.permutations(tensors, 2),
-                     key=lambda p: -(_name_score(p[0].name, FUSED_NAMES + UP_NAMES) + _name_score(p[1].name, DOWN_NAMES)))
+    def score(p):
+        return _name_score(p[0].name, FUSED_NAMES + UP_NAMES) + _name_score(p[1].name, DOWN_NAMES)
+
+    ordered = sorted(itertools.permutations(tensors, 2), key=lambda p: -score(p))
     layouts = []
     for first, down in ordered:
         for inter in _intermediate_from_down(down, hidden):
@@ -136,7 +138,8 @@ def _make_extract(up_get, down_get, first, down, up_t, down_t, interleaved):
 
 def _three_tensor_layouts(tensors: list[ExpertTensor], hidden: int) -> list[ExpertLayout]:
     def score(p):
-        return _name_score(p[0].name, GATE_NAMES) + _name_score(p[1].name, UP_NAMES) + _name_score(p[2].name, DOWN_NAMES)
+        gate, up, down = p
+        return _name_score(gate.name, GATE_NAMES) + _name_score(up.name, UP_NAMES) + _name_score(down.name, DOWN_NAMES)
 
     layouts = []
     for gate, up, down in sorted(itertools.permutations(tensors, 3), key=lambda p: -score(p)):

@@ -143,7 +143,7 @@ def _build_candidate(name, block, router_path, owner, num_experts, hidden, exper
                      config) -> Candidate:
     router = RouterInfo(path=router_path, bias_name=_router_bias_name(owner, num_experts),
                         correction_bias_path=_correction_bias_path(block, router_path, num_experts))
-    hints = read_hints(block, router_path, expert_paths, config)
+    hints = read_hints(block, router_path, expert_paths, config, num_experts)
     candidate = Candidate(name, block, num_experts, hidden, 0, router, [], hints)
     try:
         candidate.layouts = layouts_from_tensors(tensors, hidden, concatenated)
@@ -191,7 +191,8 @@ def _attach_shared_expert(candidate: Candidate, block, router_path, expert_paths
         elif _is_mlp(child, hidden) and candidate.shared_expert_path is None:
             candidate.shared_expert_path = child_name
         else:
-            candidate.reason = f"unknown stateful child {child_name!r} ({type(child).__name__}): not fused (fail closed)"
+            kind = type(child).__name__
+            candidate.reason = f"unknown stateful child {child_name!r} ({kind}): not fused (fail closed)"
     own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
     unknown_own = [n for n in own if n not in known]
     if unknown_own:

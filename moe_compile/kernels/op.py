@@ -25,6 +25,11 @@ _BACKENDS: dict[str, BackendFn] = {"reference": reference.torch_fused_moe}
 _PREFERENCE = {"cuda": ["cuda", "triton", "reference"], "cpu": ["reference"]}
 
 
+class BackendUnsupported(ValueError):
+    """Raised by a backend, before any launch, for a case outside its limits; the message names the fallback.
+    Under `backend="auto"` the op then runs the reference instead (logged once per case)."""
+
+
 def register_backend(name: str, fn: BackendFn) -> None:
     """Make `fn` (same signature as `reference.torch_fused_moe`) available as backend `name`."""
     _BACKENDS[name] = fn
@@ -69,11 +74,25 @@ def fused_moe(
 ) -> Tensor:
     """x [T, H], router_weight [E, H], w13 [E, 2I, H] (gate rows then up rows; [E, I, H] if not gated),
     w2 [E, H, I], b13 [E, 2I], b2 [E, H], router_bias / correction_bias [E] -> [T, H] in x's dtype."""
-    fn = _BACKENDS[select_backend(backend, x.device)]
-    return fn(
-        x, router_weight, router_bias, correction_bias, w13, w2, b13, b2,
-        top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
-    )
+    args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2,
+            top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit)
+    name = select_backend(backend, x.device)
+    try:
+        return _BACKENDS[name](*args)
+    except BackendUnsupported as exc:
+        if backend != "auto" or name == "reference":
+            raise
+        _warn_fallback(name, str(exc))
+        return _BACKENDS["reference"](*args)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(name: str, reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("fused_moe: backend %r cannot run this case (%s); running the reference instead", name, reason)
 
 
 @fused_moe.register_fake

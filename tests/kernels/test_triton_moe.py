@@ -20,8 +20,9 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)", allow_module_level=True)
 try:
     from moe_compile.kernels import reference
+    from moe_compile.kernels.triton import configs
     from moe_compile.kernels.triton.align import align_by_expert, max_tiles
-    from moe_compile.kernels.triton_moe import UnsupportedByTriton, triton_experts, triton_fused_moe
+    from moe_compile.kernels.triton_moe import UnsupportedByTriton, _route, triton_experts, triton_fused_moe
 except ImportError as exc:
     pytest.skip(f"triton backend unavailable: {exc}", allow_module_level=True)
 
@@ -36,7 +37,9 @@ DEFAULTS = dict(scoring="softmax", renormalize=True, n_group=1, topk_group=1, ro
 
 # (T, E, K, H, I, overrides)  # edge covered
 CASES = [
-    (1, 8, 2, 128, 64, {}),  # decode: one token, Mixtral-like routing, split-K down
+    (1, 8, 2, 128, 64, {}),  # decode: one token (routing + tiles in one launch), Mixtral-like routing, GEMV
+    (1, 256, 8, 160, 96, dict(scoring="sigmoid", n_group=8, topk_group=4, correction_bias=True,
+                              routed_scaling=2.5)),  # DeepSeek-V3 routing at one token
     (2, 512, 16, 64, 32, {}),  # the largest E and K the design asks for, two tokens
     (7, 32, 4, 97, 61, dict(activation="gelu", scoring="sigmoid")),  # odd H and I: tail masks on every tile edge
     (64, 128, 8, 256, 96, {}),  # Qwen3-like E/K: many experts get no token
@@ -153,8 +156,86 @@ def test_alignment_invariants(T, E, K, block_m):
     assert int(used.sum()) == int(((counts + block_m - 1) // block_m).sum())
 
 
+# (T, E, K, scoring, renormalize, n_group, topk_group, correction_bias, routed_scaling, logits dtype)
+ROUTE_CASES = [
+    (1, 128, 8, "softmax", True, 1, 1, False, 1.0, torch.bfloat16),  # Qwen3 decode: the fused-align path
+    (37, 128, 8, "softmax", True, 1, 1, False, 1.0, torch.bfloat16),  # bf16 logits: many exact ties
+    (5, 512, 16, "softmax", False, 1, 1, False, 1.0, torch.float16),  # largest E and K
+    (9, 256, 8, "sigmoid", True, 8, 4, True, 2.5, torch.bfloat16),  # DeepSeek-V3 grouped top-k, e-bias
+    (1, 256, 8, "sigmoid", True, 8, 4, True, 2.5, torch.bfloat16),  # ... at one token
+    (6, 60, 6, "softmax", True, 4, 2, False, 1.0, torch.float32),  # groups of 15 (not a power of two)
+    (4, 96, 4, "sigmoid", False, 96, 8, True, 1.0, torch.float32),  # groups of one expert (top-1 per group)
+    (3, 7, 7, "softmax", True, 1, 1, False, 1.0, torch.float32),  # K = E, odd E
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-{c[3]}-g{c[5]}")
+def test_routing_kernel_matches_reference(case):
+    """Same experts as reference.route (as sets: order among equal scores may differ; torch's CPU topk breaks ties
+    differently from its CUDA one), same weights; at one token
+    the fused tiles satisfy align_by_expert's contract; the output rows are zeroed."""
+    T, E, K, scoring, renorm, n_group, topk_group, corr, scaling, dtype = case
+    g = torch.Generator(device="cpu").manual_seed(T * 131 + E)
+    logits = torch.randn(T, E, generator=g).to(DEVICE, dtype)
+    cb = (torch.rand(E, generator=g) * 0.3).to(DEVICE) if corr else None
+    ref_w, ref_ids = reference.route(logits, cb, K, scoring, renorm, n_group, topk_group, scaling)
+    zero = torch.full((T, 37), float("nan"), device=DEVICE)
+    block_m = 4 if T == 1 else 0
+    w, ids, aligned = _route(logits, cb, K, scoring, renorm, n_group, topk_group, scaling, zero, block_m)
+    ours, ref = ids.long().sort(dim=1).values.cpu(), ref_ids.sort(dim=1).values.cpu()
+    for t in range(T):  # a different set only by swapping experts of equal logits (ties broken differently)
+        if not torch.equal(ours[t], ref[t]):
+            only_ours = sorted(set(ours[t].tolist()) - set(ref[t].tolist()))
+            only_ref = sorted(set(ref[t].tolist()) - set(ours[t].tolist()))
+            lt = logits[t].float().cpu()
+            assert torch.equal(lt[only_ours].sort().values, lt[only_ref].sort().values), f"token {t}: not a tie"
+    assert torch.allclose(w.sort(dim=1).values, ref_w.sort(dim=1).values, rtol=1e-5, atol=1e-7)
+    assert (zero == 0).all()
+    if T == 1:
+        sorted_rows, tile_expert, num_tiles = aligned
+        assert num_tiles == max_tiles(K, E, block_m) == K
+        assert torch.equal(tile_expert.long().cpu(), ref_ids[0].sort().values.cpu())
+        tiles = sorted_rows.view(K, block_m).cpu()
+        assert (tiles[:, 1:] == K).all()
+        assert torch.equal(ids[0, tiles[:, 0].long()].cpu(), tile_expert.cpu())
+
+
+KERNEL_CONFIGS = {
+    "gemv-bm1": configs.gemv_config(48, 8, 97, 61, 0, 1),
+    "gemv-bm2": configs.gemv_config(48, 8, 97, 61, 0, 2),
+    "gemv-bm8": configs.MoEConfig(8, configs.GemmConfig(4, 64, 4, 1), configs.GemmConfig(8, 32, 2, 1), 1, True, True),
+    "mma-bm16": configs.select_config(48, 8, 97, 61, 0, allow_gemv=False),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CONFIGS))
+@pytest.mark.parametrize("overrides", [{}, dict(activation="swiglu_oai", expert_bias=True, weight_on_input=True)],
+                         ids=["silu", "gpt-oss-w-on-input"])
+def test_decode_kernels_on_crowded_experts(name, overrides):
+    """24 tokens x 2 of 8 experts: ~6 rows per expert, so one expert spans several GEMV tiles; odd H and I."""
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    tensors, scalars = make_inputs(24, 8, 2, 97, 61, dtype, **overrides)
+    logits = reference.router_logits(tensors["x"], tensors["router_weight"], tensors["router_bias"])
+    weights, ids = reference.route(logits, None, 2, "softmax", True, 1, 1, 1.0)
+    t = tensors
+    out = triton_experts(t["x"], weights, ids, t["w13"], t["w2"], t["b13"], t["b2"], scalars["weight_on_input"],
+                         scalars["activation"], scalars["alpha"], scalars["limit"], config=KERNEL_CONFIGS[name])
+    up = {k: (v.float() if v is not None else None) for k, v in t.items()}
+    ref = reference.torch_experts(up["x"], weights, ids, up["w13"], up["w2"], up["b13"], up["b2"],
+                                  scalars["weight_on_input"], scalars["activation"], scalars["alpha"], scalars["limit"])
+    check(out, ref, dtype)
+
+
+def test_gemv_falls_back_for_strided_weights():
+    """A w13 that is not contiguous along H takes the tensor-core kernels (which take any strides)."""
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    tensors, scalars = make_inputs(1, 8, 2, 64, 32, dtype)
+    tensors["w13"] = tensors["w13"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, H not contiguous
+    check(triton_fused_moe(**tensors, **scalars), fp32_reference(tensors, scalars), dtype)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("T", [4, 600])
+@pytest.mark.parametrize("T", [1, 4, 40, 600])
 def test_cuda_graph_replay_follows_routing(T):
     """Capture once, replay with new inputs (so new routing): every replay matches the reference."""
     dtype = torch.bfloat16

@@ -168,3 +168,131 @@ def down_kernel(
     else:
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---- decode: GEMV-style kernels for tiles of a few rows (BLOCK_M 1-8), no tensor cores ----------------------------
+# Each program owns one tile (one expert, BLOCK_M slots) and BLOCK_N output columns; it streams the expert's weight
+# rows [BLOCK_N, BLOCK_K] along the contiguous K axis (16-byte vectors where strides allow), multiplies in fp32 into
+# a [BM, BN, BK] accumulator and reduces over K once at the end. At a few rows per expert the tensor-core tile
+# (16 rows) spends shared-memory traffic and issue slots on pad rows; here every loaded weight byte meets only real
+# rows.
+
+
+@triton.jit
+def _rows_fma(acc, a, w):
+    """acc [BM, BN, BK] fp32 += a [BM, BK] x w [BN, BK] elementwise; the K reduction waits for the end (one
+    cross-lane sum per program instead of one per K step)."""
+    return acc + a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def gate_up_gemv_kernel(
+    x_ptr, w13_ptr, b13_ptr, topk_w_ptr, sorted_rows_ptr, tile_expert_ptr, inter_ptr,
+    N, H, I,
+    stride_xt, stride_we, stride_wn, stride_be, stride_inter,
+    alpha, limit,
+    TOP_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_INPUT: tl.constexpr,
+    ACT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gate_up_kernel's contract; x [T, H] and w13 [E, 2I or I, H] contiguous along H."""
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid = tl.program_id(0)
+    tile_m = pid // num_n
+    tile_n = pid % num_n
+    expert = tl.load(tile_expert_ptr + tile_m).to(tl.int64)
+    if expert < 0:
+        return
+    slots = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rows = tl.load(sorted_rows_ptr + slots)  # [BM]
+    row_ok = rows < N
+    tokens = (rows // TOP_K).to(tl.int64)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
+    col_ok = cols < I
+    kk = tl.arange(0, BLOCK_K)  # [BK]
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + kk[None, :]  # [BM, BK]
+    g_ptrs = w13_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn + kk[None, :]  # [BN, BK]
+    u_off = I * stride_wn
+    if SCALE_INPUT:
+        route_w = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)  # [BM]
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            wg = tl.load(g_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + kk) < H
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if SCALE_INPUT:
+            a = (a.to(tl.float32) * route_w[:, None]).to(x_ptr.dtype.element_ty)
+        acc_g = _rows_fma(acc_g, a, wg)
+        if GATED:
+            if EVEN_K:
+                wu = tl.load(g_ptrs + u_off, mask=col_ok[:, None], other=0.0)
+            else:
+                wu = tl.load(g_ptrs + u_off, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_u = _rows_fma(acc_u, a, wu)
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+    acc_g = tl.sum(acc_g, axis=2)  # [BM, BN]
+    acc_u = tl.sum(acc_u, axis=2)
+    if HAS_BIAS:
+        b_ptrs = b13_ptr + expert * stride_be + cols  # [BN]
+        acc_g += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptrs + I, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = _gated_act(acc_g, acc_u, alpha, limit, ACT)  # [BM, BN]
+    else:
+        h = _act(acc_g, alpha, ACT)
+    out_ptrs = inter_ptr + slots[:, None].to(tl.int64) * stride_inter + cols[None, :]
+    tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def down_gemv_kernel(
+    inter_ptr, w2_ptr, b2_ptr, topk_w_ptr, sorted_rows_ptr, tile_expert_ptr, out_ptr,
+    N, H, I,
+    stride_inter, stride_we, stride_wh, stride_be, stride_out,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """down_kernel's contract with ATOMIC (out [T, H] fp32 +=); w2 [E, H, I] contiguous along I."""
+    num_n = tl.cdiv(H, BLOCK_N)
+    pid = tl.program_id(0)
+    tile_m = pid // num_n
+    tile_n = pid % num_n
+    expert = tl.load(tile_expert_ptr + tile_m).to(tl.int64)
+    if expert < 0:
+        return
+    slots = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rows = tl.load(sorted_rows_ptr + slots)  # [BM]
+    row_ok = rows < N
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
+    col_ok = cols < H
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + slots[:, None].to(tl.int64) * stride_inter + kk[None, :]  # [BM, BK]
+    w_ptrs = w2_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wh + kk[None, :]  # [BN, BK]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        # pad slots of inter were never written: mask them, garbage could be NaN
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + kk) < I
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _rows_fma(acc, a, w)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc = tl.sum(acc, axis=2)  # [BM, BN]
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + expert * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SCALE_OUTPUT:
+        acc *= tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    tokens = (rows // TOP_K).to(tl.int64)
+    tl.atomic_add(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc,
+                  mask=row_ok[:, None] & col_ok[None, :], sem="relaxed")

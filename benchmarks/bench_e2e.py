@@ -1,0 +1,201 @@
+"""End to end through HF `generate`: a Qwen3-30B-A3B-shaped model (random weights, bf16, one GPU), prompt P,
+batch 1 / 8 / 64: prefill time, per-step decode latency, decode tokens/s, warm-up (compile) time and peak memory,
+side by side in one run: HF eager experts, HF grouped_mm, HF grouped_mm + static cache (HF compiles the decode
+step), and moe_compile's `optimize(model, "balanced")`. The bytes-per-step floor uses the copy bandwidth
+measured in the same run.
+
+  python benchmarks/bench_e2e.py [--layers 48] [--batches 1,8,64] [--prompt 512] [--steps 16] [--out DIR]
+
+moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils  # noqa: E402
+
+import moe_compile as mc  # noqa: E402
+
+QWEN3_30B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
+                 num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
+                 head_dim=128, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=False)
+EAGER_MAX_STEPS = 3  # HF's eager expert loop takes seconds per step at batch 64: a few steps suffice
+
+
+@dataclass
+class E2ERow:
+    card: str
+    date: str
+    git_commit: str
+    layers: int
+    batch: int
+    prompt: int
+    impl: str
+    prefill_ms: Optional[float]
+    decode_step_ms: Optional[float]
+    decode_tok_s: Optional[float]
+    warmup_s: Optional[float]
+    peak_mem_gb: Optional[float]
+    floor_step_ms: float
+    ratio_to_floor: Optional[float]
+    tokens_match_hf: Optional[float]  # fraction of greedy tokens equal to HF grouped_mm's (batch 1 row)
+    note: str = ""
+
+
+def build_model(layers: int):
+    """Built directly on the GPU in bf16; transformers' own init (normal, std 0.02) fills every weight."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(num_hidden_layers=layers, **QWEN3_30B)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def set_experts_implementation(model, impl: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = impl
+
+
+def step_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
+    """Bytes one decode step must read: non-expert weights, the activated experts (expected distinct experts under
+    uniform routing), the KV cache; over the measured copy bandwidth."""
+    c = model.config
+    expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2
+    active = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    all_experts = c.num_hidden_layers * c.num_experts * expert_bytes
+    embed = c.vocab_size * c.hidden_size * 2  # only `batch` rows are read
+    non_expert = total - all_experts - embed
+    kv = batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
+    nbytes = non_expert + c.num_hidden_layers * active * expert_bytes + kv
+    return 1e3 * nbytes / bandwidth
+
+
+def timed_generate(model, ids, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(model, ids, steps: int, **kwargs) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    warm, _ = timed_generate(model, ids, steps + 1, **kwargs)  # compiles / captures whatever it will
+    prefill, _ = timed_generate(model, ids, 1, **kwargs)
+    total, out = timed_generate(model, ids, steps + 1, **kwargs)
+    step = (total - prefill) / steps
+    return dict(prefill_ms=1e3 * prefill, decode_step_ms=1e3 * step, decode_tok_s=ids.shape[0] / step,
+                warmup_s=warm, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, tokens=out)
+
+
+def run(args) -> list[E2ERow]:
+    meta = utils.run_meta()
+    bandwidth = utils.copy_bandwidth()
+    print(f"{meta['card']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    model = build_model(args.layers)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = {b: torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda") for b in batches}
+    rows, reference_tokens = [], {}
+    impls = [("hf_eager", "eager", {}), ("hf_grouped_mm", "grouped_mm", {}),
+             ("hf_static_cache", "grouped_mm", {"cache_implementation": "static"})]
+    for name, experts_impl, kwargs in impls:
+        set_experts_implementation(model, experts_impl)
+        for b in batches:
+            steps = min(args.steps, EAGER_MAX_STEPS) if experts_impl == "eager" else args.steps
+            rows.append(_row(meta, model, b, args, name, steps, bandwidth, reference_tokens, kwargs))
+    set_experts_implementation(model, "grouped_mm")
+    start = time.perf_counter()
+    mc.optimize(model, args.profile)
+    optimize_s = time.perf_counter() - start
+    for b in batches:
+        row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
+        row.note = f"optimize() {optimize_s:.1f}s; features {sorted(k for k, v in model.moe_compile.features.items() if v)}"
+        rows.append(row)
+    return rows
+
+
+def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwargs) -> E2ERow:
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(batch))
+    floor = step_floor_ms(model, batch, args.prompt + steps, bandwidth)
+    try:
+        m = measure(model, ids, steps, **kwargs)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return E2ERow(**meta, layers=args.layers, batch=batch, prompt=args.prompt, impl=name, prefill_ms=None,
+                      decode_step_ms=None, decode_tok_s=None, warmup_s=None, peak_mem_gb=None, floor_step_ms=floor,
+                      ratio_to_floor=None, tokens_match_hf=None, note=f"OOM: {str(exc).splitlines()[0]}")
+    match = None
+    tokens = m.pop("tokens")[0, args.prompt:]
+    if name == "hf_grouped_mm":
+        reference_tokens[batch] = tokens
+    elif batch in reference_tokens:
+        n = min(len(tokens), len(reference_tokens[batch]))
+        match = (tokens[:n] == reference_tokens[batch][:n]).float().mean().item()
+    print(f"{name:28s} batch {batch:3d}: step {m['decode_step_ms']:8.2f} ms (floor {floor:.2f}), "
+          f"prefill {m['prefill_ms']:8.1f} ms, warm-up {m['warmup_s']:.1f} s", flush=True)
+    return E2ERow(**meta, layers=args.layers, batch=batch, prompt=args.prompt, impl=name, floor_step_ms=floor,
+                  ratio_to_floor=m["decode_step_ms"] / floor, tokens_match_hf=match, **m)
+
+
+def plot(rows: list[E2ERow], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r.batch for r in rows})
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        sub = {r.impl: r for r in rows if r.batch == b}
+        values = [sub[i].decode_step_ms or 0.0 for i in impls]
+        ax.bar(range(len(impls)), values)
+        ax.axhline(sub[impls[0]].floor_step_ms, color="k", linestyle="--", label="bytes floor")
+        ax.set_xticks(range(len(impls)), [i.replace("_", "\n") for i in impls], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}: decode step (ms)")
+        ax.legend()
+    r0 = rows[0]
+    fig.suptitle(f"Qwen3-30B-A3B shape, {r0.layers} layers, bf16 — {r0.card}, {r0.date}, {r0.git_commit}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--profile", default="balanced")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"e2e_{rows[0].card.replace(' ', '_')}_{rows[0].date}")
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    plot(rows, stem + ".png")
+    print(f"\nwrote {stem}.csv and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Optimized checkpoints: `export(model, out_dir)` and `load(out_dir)`.
+
+A checkpoint directory holds
+  model.safetensors           every parameter and persistent buffer of the optimized model (fused layout), no pickle
+  config.json                 the HF config (HF models only), plus generation_config.json where the model has one
+  moe_compile_manifest.json   format version, library versions, fused blocks with their specs, what optimize applied,
+                              SHA-256 and size of every other file
+It is written atomically (see `atomic.py`). `load` rebuilds the architecture from config.json (or loads into the
+skeleton `model=` a caller passes), swaps in fused blocks from the saved specs, checks every file's hash and loads
+the weights with strict key checking. Nothing is proven, calibrated or unpickled.
+
+`export(..., format="onnx")` writes `model.onnx` instead (see `onnx_export.py`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from moe_compile.checkpoint import atomic
+from moe_compile.checkpoint.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME,
+                                             block_entries, optimize_entry, read_manifest, record_file,
+                                             result_from_manifest, verify_files, versions, write_manifest)
+from moe_compile.checkpoint.restore import match_dtypes, read_header, restore_blocks
+from moe_compile.errors import CheckpointError
+
+log = logging.getLogger("moe_compile")
+
+FORMATS = ("safetensors", "onnx")
+PathLike = Union[str, Path]
+
+__all__ = ["FORMATS", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "export", "load"]
+
+
+def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str = "safetensors",
+           example_input_ids: Optional[torch.Tensor] = None, example_inputs: Optional[tuple] = None,
+           **onnx_options: Any) -> Path:
+    """Write `model` (optimized or not) to the new directory `out_dir`, atomically; return its path.
+
+    format="safetensors": weights + config + manifest, restored by `load`. format="onnx": `model.onnx` + manifest;
+    needs `example_input_ids` (HF causal LMs) or `example_inputs` (any module), see `onnx_export.export_onnx`.
+    An existing `out_dir` is replaced only with `force=True`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export expects a torch.nn.Module, got {type(model).__name__}")
+    if format == "onnx":
+        from moe_compile.checkpoint.onnx_export import export_onnx
+
+        return export_onnx(model, out_dir, force=force, example_input_ids=example_input_ids,
+                           example_inputs=example_inputs, **onnx_options)
+    if format != "safetensors":
+        raise CheckpointError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if onnx_options or example_input_ids is not None or example_inputs is not None:
+        raise CheckpointError("example inputs and ONNX options apply to format='onnx' only")
+    target = Path(out_dir).absolute()
+    tensors, aliases = unique_state(model)
+    with atomic.atomic_directory(target, force) as tmp:
+        files: dict[str, Any] = {}
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "writer": "moe_compile"})
+        atomic.file_written(tmp / WEIGHTS_NAME)
+        record_file(files, tmp, WEIGHTS_NAME)
+        for name in save_hf_configs(model, tmp):
+            record_file(files, tmp, name)
+        manifest = base_manifest("safetensors", model)
+        manifest.update(files=files, aliases=aliases, num_tensors=len(tensors), dtype=main_dtype(tensors))
+        atomic.file_written(write_manifest(tmp, manifest))
+    log.info("moe_compile: exported %s to %s", type(model).__name__, target)
+    return target
+
+
+def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "model": {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "hf_config": bool(config is not None and hasattr(config, "save_pretrained")),
+            "model_type": getattr(config, "model_type", None),
+        },
+        "blocks": block_entries(model),
+        "optimize": optimize_entry(model),
+    }
+
+
+def save_hf_configs(model: nn.Module, directory: Path) -> list[str]:
+    """config.json (and generation_config.json) of an HF model into `directory`; the names written."""
+    written = []
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(directory)
+        written.append("config.json")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(directory)
+        written.append("generation_config.json")
+    for name in written:
+        atomic.file_written(directory / name)
+    return written
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict as contiguous CPU tensors, each storage once: exact aliases (tied weights) are recorded as
+    `alias -> kept name`; tensors overlapping some other way are copied apart."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            raise CheckpointError(f"{name} is on the meta device (no data); materialize the model before export")
+        key = None
+        if tensor.numel():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                   tuple(tensor.stride()), tensor.dtype, str(tensor.device))
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor
+    by_storage: dict[tuple, list[str]] = defaultdict(list)
+    for name, tensor in tensors.items():
+        if tensor.numel():
+            by_storage[(tensor.untyped_storage().data_ptr(), str(tensor.device))].append(name)
+    shared = {name for names in by_storage.values() if len(names) > 1 for name in names}
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        out[name] = tensor.clone(memory_format=torch.contiguous_format) if name in shared else tensor.contiguous()
+    return out, aliases
+
+
+def main_dtype(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+    counts: dict[torch.dtype, int] = defaultdict(int)
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+
+
+def _build_hf(directory: Path, manifest: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    if not manifest["model"].get("hf_config") or not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} holds a {manifest['model']['class']} without an HF config; pass the "
+                              f"module to load into as load(..., model=skeleton)")
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:
+        from moe_compile.errors import MissingDependencyError
+
+        raise MissingDependencyError("loading an HF checkpoint needs transformers: pip install 'moe-compile[hf]'") \
+            from exc
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        cls = getattr(transformers, manifest["model"]["class"], None)
+        init_ctx = getattr(getattr(transformers, "initialization", None), "no_init_weights", None)
+        with (init_ctx() if init_ctx is not None else _null()):  # weights are loaded next: skip random init
+            if isinstance(cls, type) and hasattr(cls, "_from_config"):
+                model = cls._from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as exc:
+        hint = "" if trust_remote_code else " (for custom-code models pass trust_remote_code=True)"
+        raise CheckpointError(f"cannot rebuild the architecture from {directory / 'config.json'}: {exc}{hint}") \
+            from exc
+    if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+         model: Optional[nn.Module] = None, trust_remote_code: bool = False,
+         compile: Optional[bool] = None) -> nn.Module:
+    """Restore a model written by `export` (format safetensors): the optimized model, ready to run.
+
+    HF checkpoints are rebuilt from their config; for other modules pass the skeleton `model=` (the original
+    architecture, or an optimized one with the same blocks) to load into. `dtype` casts after loading (default:
+    the saved dtypes). `compile`: apply the torch.compile emit step; default: as the manifest recorded, on CUDA only.
+    Raises `CheckpointError` for a missing, damaged, tampered or too-new checkpoint, before any tensor is used.
+    """
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    if manifest["kind"] != "safetensors":
+        raise CheckpointError(f"{directory} is a {manifest['kind']!r} export, which load cannot restore as a torch "
+                              f"module (run model.onnx with onnxruntime)")
+    verify_files(directory, manifest)
+    weights = directory / WEIGHTS_NAME
+    header = read_header(weights)
+    if model is None:
+        model = _build_hf(directory, manifest, trust_remote_code)
+    restore_blocks(model, manifest["blocks"], header)
+    match_dtypes(model, header)
+    _load_weights(model, weights, header, manifest.get("aliases", {}))
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    result = result_from_manifest(manifest, str(directory))
+    model.moe_compile = result
+    want_compile = compile if compile is not None else bool(
+        result.features.get("compile") and torch.device(device).type == "cuda")
+    if want_compile:
+        from moe_compile.emit import apply_emit
+
+        apply_emit(model, {"compile": True}, result)
+    return model
+
+
+def _load_weights(model: nn.Module, weights: Path, header, aliases: dict[str, str]) -> None:
+    from safetensors.torch import load_file
+
+    expected = set(model.state_dict())
+    saved = set(header)
+    missing = sorted(expected - saved - set(aliases))
+    unexpected = sorted(saved - expected)
+    bad_alias = sorted(a for a, kept in aliases.items() if a not in expected or kept not in saved)
+    if missing or unexpected or bad_alias:
+        parts = []
+        for label, keys in (("missing from the file", missing), ("not in the model", unexpected),
+                            ("bad aliases", bad_alias)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)})")
+        raise CheckpointError(f"the weights in {weights} do not fit {type(model).__name__}: " + "; ".join(parts))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}") from exc
+    for alias, kept in aliases.items():
+        state[alias] = state[kept]
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)

@@ -1,0 +1,283 @@
+"""`moe-compile`: the command line over `moe_compile.inspect` and `moe_compile.optimize`.
+
+    moe-compile inspect MODEL                       # every MoE block and what it computes
+    moe-compile optimize MODEL --dry-run            # the plan: blocks, features, passes, memory; writes nothing
+    moe-compile optimize MODEL --output DIR         # optimize, then save a report of what was applied
+    moe-compile list-models | profiles
+
+Exit codes: 0 ok, 1 a handled error (one line on stderr naming the problem and the remedy), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import moe_compile as mc
+from moe_compile.errors import MoECompileError
+from moe_compile.loading import DTYPES, MODEL_HELP, LoadedModel, load_model, parse_dtype
+from moe_compile.plan import Plan, build_plan, feature_rows, features_table, memory_lines
+from moe_compile.profiles import BACKENDS, FEATURES, builtin_profiles, load_profile
+
+REPORT_NAME = "moe_compile_report.json"
+EXPORT_NOTE = ("this version saves a report of what was applied (moe_compile_report.json), not the optimized "
+               "checkpoint: checkpoint export (moe_compile.export) is not in this version")
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r} (use cpu, cuda or cuda:N)") from exc
+
+
+class _Toggle(argparse.Action):
+    """`--enable-X` stores True, `--disable-X` False; unset stays None (the profile decides)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=None, **kwargs)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str = "") -> None:
+        setattr(namespace, self.dest, option_string.startswith("--enable-"))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="dtype to load and run in (auto: the checkpoint's; float32 for tiny models)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model directory's own Python code (transformers trust_remote_code)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights (config.json, tiny models)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage; tracebacks on errors")
+
+
+def _optimize_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="balanced",
+                        help=f"built-in profile ({', '.join(builtin_profiles())}) or a path to a .yaml profile")
+    parser.add_argument("--backend", choices=BACKENDS, help="fused_moe kernel backend (default: the profile's)")
+    parser.add_argument("--device", type=_device, default="auto",
+                        help="target device: cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (blocks, features, passes, memory estimate) and write nothing")
+    parser.add_argument("--output", type=Path, metavar="DIR", help=f"save the result to DIR; {EXPORT_NOTE}")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output DIR")
+    group = parser.add_argument_group("features", "force a feature on or off (default: the profile's setting)")
+    for name, (what, _, _) in FEATURES.items():
+        group.add_argument(f"--enable-{_flag(name)}", f"--disable-{_flag(name)}", dest=f"feature_{name}",
+                           action=_Toggle, help=what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-compile", description="A compiler for Mixture-of-Experts models.",
+                                     epilog=f"Note: {EXPORT_NOTE}.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser("inspect", help="list the MoE blocks of MODEL and what each computes")
+    _model_options(inspect)
+    inspect.add_argument("--no-prove", action="store_true", help="structural detection only (no probe forward)")
+    inspect.set_defaults(func=cmd_inspect)
+    optimize = commands.add_parser("optimize", help="fuse and compile MoE blocks (or --dry-run for the plan)",
+                                   description=f"Optimize MODEL in memory. With --output, {EXPORT_NOTE}.")
+    _model_options(optimize)
+    _optimize_options(optimize)
+    optimize.set_defaults(func=cmd_optimize)
+    commands.add_parser("list-models", help="the built-in tiny models").set_defaults(func=cmd_list_models)
+    commands.add_parser("profiles", help="built-in profiles and features").set_defaults(func=cmd_profiles)
+    return parser
+
+
+def _console() -> Console:
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else max(probe.width, 140))
+
+
+def _quiet_transformers() -> None:
+    """transformers' own warnings and progress bars, unless --verbose: our output says what matters."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _load(args: argparse.Namespace, console: Console, allow_meta: bool = False) -> LoadedModel:
+    with console.status(f"loading {args.model}", spinner="dots") if console.is_terminal else nullcontext():
+        loaded = load_model(args.model, args.dtype, args.trust_remote_code, args.seed, allow_meta=allow_meta)
+    for note in loaded.notes:
+        console.print(f"[bold]note:[/bold] {escape(note)}")
+    return loaded
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    loaded = _load(args, console, allow_meta=True)
+    console.print(mc.inspect(loaded.model, prove_blocks=loaded.materialized and not args.no_prove).table())
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {name: getattr(args, f"feature_{name}") for name in FEATURES
+                 if getattr(args, f"feature_{name}") is not None}
+    if args.backend:
+        overrides["backend"] = args.backend
+    return overrides
+
+
+def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
+    overrides = _overrides(args)
+    profile = load_profile(args.profile).with_overrides(overrides)
+    feature_rows(profile, args.device)  # a feature forced on that the device lacks fails here, before any loading
+    if args.output is not None and not args.dry_run:
+        _check_output(args.output, args.force, Path(args.model))
+    if not args.dry_run and args.device.type == "cuda" and not torch.cuda.is_available():
+        raise MoECompileError("--device cuda, but CUDA is not available here; use --device cpu, or --dry-run for a "
+                              "plan against an H100")
+    loaded = _load(args, console, allow_meta=args.dry_run)
+    plan = build_plan(loaded.model, profile, args.device, parse_dtype(args.dtype))
+    if args.dry_run:
+        report = mc.inspect(loaded.model, prove_blocks=loaded.materialized)
+        console.print(report.table())
+        _print_plan(console, plan)
+        written = f" (--output {args.output} was not written)" if args.output else ""
+        console.print(f"[bold]dry run:[/bold] nothing was changed or written{escape(written)}")
+        return 0
+    model = loaded.model.to(args.device)
+    mc.optimize(model, args.profile, **overrides)
+    result = model.moe_compile
+    console.print(result.table())
+    _print_plan(console, plan)
+    console.print(f"fused {len(result.fused)} of {len(result.fused) + len(result.skipped)} MoE blocks; max relative "
+                  f"error vs the original {result.max_error:.1e}; passes: {', '.join(result.passes)}")
+    if args.output is not None:
+        data = {"moe_compile_version": mc.__version__, "model": {"source": loaded.source, "kind": loaded.kind,
+                "notes": loaded.notes}, "result": result.to_dict(), "plan": plan.to_dict(), "note": EXPORT_NOTE}
+        write_report(args.output, data, args.force)
+        console.print(escape(f"wrote {args.output / REPORT_NAME} ({EXPORT_NOTE})"))
+    return 0
+
+
+def _print_plan(console: Console, plan: Plan) -> None:
+    console.print(features_table(plan.features, f"features: profile {plan.profile!r} on {plan.device}, "
+                                                f"backend {plan.backend}"))
+    console.print(f"[bold]passes:[/bold] {' -> '.join(plan.passes)}")
+    console.print("[bold]memory estimate:[/bold]\n  " + escape("\n  ".join(memory_lines(plan.memory))))
+
+
+def _check_output(output: Path, force: bool, model_path: Path) -> None:
+    target = output.resolve()
+    if model_path.exists():
+        source = model_path.resolve()
+        if target == source or target in source.parents or (source.is_dir() and source in target.parents):
+            raise MoECompileError(f"--output {output} overlaps the model at {model_path}; choose another directory")
+    if output.exists() and not force:
+        raise MoECompileError(f"--output {output} already exists; pass --force to replace it or choose another")
+    if output.exists() and not output.is_dir():
+        raise MoECompileError(f"--output {output} exists and is not a directory; remove it or choose another")
+
+
+def write_report(output: Path, data: dict[str, Any], force: bool) -> None:
+    """Write DIR/moe_compile_report.json atomically: build a temp dir beside DIR, then rename it into place."""
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        (staging / REPORT_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        if output.exists():
+            if not force:
+                raise MoECompileError(f"--output {output} already exists; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def cmd_list_models(args: argparse.Namespace, console: Console) -> int:
+    from moe_compile.models import TINY_MODELS, tiny_model_names
+
+    table = Table(title="built-in tiny models (random weights, built offline from a config)")
+    for column in ("name", "family", "MoE layers", "what it covers"):
+        table.add_column(column, overflow="fold")
+    for name in tiny_model_names():
+        tiny = TINY_MODELS[name]
+        table.add_row(name, tiny.model_type, str(tiny.moe_layers), escape(tiny.description))
+    console.print(table)
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace, console: Console) -> int:
+    profiles = [load_profile(name) for name in builtin_profiles()]
+    summary = Table(title="built-in profiles (--profile NAME, or a path to your own .yaml)")
+    for column in ("profile", "backend", "description"):
+        summary.add_column(column, overflow="fold")
+    for profile in profiles:
+        summary.add_row(profile.name, profile.backend, escape(profile.description))
+    console.print(summary)
+    features = Table(title="features (--enable-X / --disable-X; auto = on where available and useful)")
+    for column in ("feature", *(p.name for p in profiles), "in this version", "what it does"):
+        features.add_column(column, overflow="fold")
+    for name, (what, why_not, _) in FEATURES.items():
+        values = [str(p.features[name]).lower() for p in profiles]
+        reason = why_not(torch.device("cuda"))
+        features.add_row(_flag(name), *values, "yes" if reason is None else escape(f"no: {reason}"), escape(what))
+    console.print(features)
+    return 0
+
+
+def _fail(message: str) -> None:
+    print(f"moe-compile: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    verbose = bool(getattr(args, "verbose", False))
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    else:
+        _quiet_transformers()
+    try:
+        return args.func(args, _console())
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every error ends as one line; a traceback with --verbose)
+        if verbose:
+            traceback.print_exc()
+        if isinstance(exc, MoECompileError):
+            _fail(str(exc))
+            return 1
+        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback; please report it)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The `moe-compile` command line, run for real: `main([...])` in process, and the installed entry point once.
+
+Every error case checks the contract of the CLI: exit code 1 for a handled error (2 for a usage error), exactly
+one line on stderr that names the problem, and no traceback unless --verbose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_compile import cli, loading
+from moe_compile.cli import REPORT_NAME, main
+from moe_compile.models import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("models") / "tiny-qwen3-moe"
+    build_tiny_model("tiny-qwen3-moe").save_pretrained(directory)
+    return directory
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("moe-compile: error: ")
+    return err
+
+
+def test_inspect_and_dry_run_leave_the_model_directory_byte_identical(saved_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)  # the same plan on a GPU machine
+    before = tree_hashes(saved_model)
+    assert main(["inspect", str(saved_model)]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3MoeForCausalLM: 2 found, 2 fusable" in out and out.count("│ proven │") == 2
+
+    output = tmp_path / "out"
+    assert main(["optimize", str(saved_model), "--dry-run", "--device", "cuda", "--dtype", "bfloat16",
+                 "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "proven" in out and "softmax renorm" in out  # blocks and proven specs
+    assert "cuda_graphs" in out and "unavailable" in out and "not in this version" in out  # features with reasons
+    assert "detect -> prove -> rewrite -> verify -> emit:torch.compile" in out  # passes for a GPU target
+    assert "weights in bfloat16" in out and "H100 80GB" in out and "KV cache" in out  # memory estimate
+    assert "nothing was changed or written" in out
+    assert tree_hashes(saved_model) == before
+    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_dry_run_on_cpu_uses_the_machine_memory(capsys):
+    assert main(["optimize", "tiny-mixtral", "--dry-run", "--device", "cpu", "--profile", "conservative"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU memory" in out and "emit:eager" in out and "weights in float32" in out
+
+
+def test_config_json_builds_random_weights_and_says_so(saved_model, capsys):
+    assert main(["inspect", str(saved_model / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and out.count("│ proven │") == 2
+
+
+@pytest.mark.parametrize("target", ["directory", "config.json"])
+def test_a_model_too_large_for_memory_is_planned_from_structure(saved_model, target, monkeypatch, capsys):
+    model = str(saved_model if target == "directory" else saved_model / "config.json")
+    monkeypatch.setattr(loading, "_available_memory", lambda: 1024)
+    assert main(["optimize", model, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "exceed this machine's free memory" in out and "2 found" in out
+    assert "│ proven │" not in out and "│ ok     │" in out  # detected from structure, not proven
+    assert "weights in float32" in out
+    assert main(["optimize", model]) == 1
+    assert "--dry-run" in error_line(capsys)
+
+
+def test_missing_path_is_one_line_without_traceback_from_the_entry_point(tmp_path):
+    missing = tmp_path / "no" / "such-model"
+    script = Path(sys.executable).parent / "moe-compile"  # the console script pyproject.toml declares
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moe_compile.cli"]
+    proc = subprocess.run([*command, "optimize", str(missing)], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no such file or directory" in lines[0] and str(missing) in lines[0]
+
+
+def test_verbose_adds_the_traceback(capsys):
+    assert main(["inspect", "does-not-exist/model", "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ModelLoadError" in err
+
+
+def test_unknown_model_name_lists_the_remedy(capsys):
+    assert main(["inspect", "tiny-nonexistent"]) == 1
+    assert "list-models" in error_line(capsys)
+
+
+def test_directory_without_weights_points_at_its_config(saved_model, tmp_path, capsys):
+    (tmp_path / "config.json").write_bytes((saved_model / "config.json").read_bytes())
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "config.json" in error_line(capsys)
+
+
+def test_malformed_config_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "qwen3_moe", ')
+    assert main(["inspect", str(bad)]) == 1
+    assert "not a readable JSON config" in error_line(capsys)
+    bad.write_text('{"model_type": "no_such_family"}')
+    assert main(["inspect", str(bad)]) == 1
+    assert "model_type" in error_line(capsys)
+
+
+def test_unknown_profile_is_a_clean_error(capsys):
+    assert main(["optimize", "tiny-qwen3-moe", "--profile", "fastest"]) == 1
+    err = error_line(capsys)
+    assert "unknown profile 'fastest'" in err and "balanced" in err
+
+
+def test_forcing_an_unavailable_feature_is_a_clean_error(capsys):
+    assert main(["optimize", "tiny-qwen3-moe", "--enable-fp8"]) == 1
+    err = error_line(capsys)
+    assert "'fp8'" in err and "--disable-fp8" in err
+
+
+def test_cuda_without_a_gpu_is_a_clean_error(capsys, monkeypatch):
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
+    assert main(["optimize", "tiny-qwen3-moe", "--device", "cuda"]) == 1
+    assert "--dry-run" in error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [[], ["optimize"], ["optimize", "tiny-mixtral", "--no-such-flag"],
+                                  ["optimize", "tiny-mixtral", "--backend", "tpu"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_feature_flags_override_the_profile(tmp_path, capsys):
+    assert main(["optimize", "tiny-olmoe", "--profile", "conservative", "--disable-fuse-moe", "--enable-compile",
+                 "--dry-run", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "passes: emit:torch.compile" in out  # no fusion stages, compiled emit
+
+
+def test_output_is_written_atomically_and_never_overwritten_without_force(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["optimize", "tiny-qwen3-moe", "--output", str(output)]) == 0
+    assert "not the optimized checkpoint" in capsys.readouterr().out
+    report = json.loads((output / REPORT_NAME).read_text())
+    assert report["result"]["fused"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert report["plan"]["passes"][:2] == ["detect", "prove"] and "weights_bytes" in report["plan"]["memory"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging directory left behind
+
+    first = (output / REPORT_NAME).read_bytes()
+    assert main(["optimize", "tiny-qwen3-moe", "--profile", "conservative", "--output", str(output)]) == 1
+    assert "--force" in error_line(capsys)
+    assert (output / REPORT_NAME).read_bytes() == first
+
+    assert main(["optimize", "tiny-qwen3-moe", "--profile", "conservative", "--output", str(output), "--force"]) == 0
+    assert json.loads((output / REPORT_NAME).read_text())["result"]["profile"] == "conservative"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_failed_write_leaves_no_output_directory(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli.json, "dumps", fail)
+    with pytest.raises(OSError):
+        cli.write_report(tmp_path / "run", {"x": 1}, force=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_inside_the_model_directory_is_refused(saved_model, capsys):
+    before = tree_hashes(saved_model)
+    assert main(["optimize", str(saved_model), "--output", str(saved_model), "--force"]) == 1
+    assert "overlaps the model" in error_line(capsys)
+    assert tree_hashes(saved_model) == before
+
+
+def test_list_models_and_profiles(capsys):
+    assert main(["list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-qwen3-moe" in out and "tiny-deepseek-v3" in out
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "conservative" in out and "sparsity-24" in out and "not in this version" in out

@@ -1,0 +1,97 @@
+"""Profiles as data: built-ins, user YAML files, overrides, and `auto` resolved per device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_compile as mc
+from moe_compile.errors import FeatureUnavailableError, ProfileError
+from moe_compile.models import build_tiny_model
+from moe_compile.profiles import FEATURES, builtin_profiles, load_profile, resolve_features
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU to be resolved against
+
+
+def test_builtin_profiles_load_and_name_every_feature():
+    assert {"conservative", "balanced", "aggressive"} <= set(builtin_profiles())
+    for name in builtin_profiles():
+        profile = load_profile(name)
+        assert profile.name == name and profile.description
+        assert set(profile.features) == set(FEATURES)
+        assert profile.features["fuse_moe"] is True
+    assert load_profile("conservative").features["compile"] is False
+    assert load_profile("aggressive").features["fp8"] == "auto"
+
+
+def test_a_user_yaml_profile_works_end_to_end(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndescription: fused, eager\nfeatures:\n  compile: false\nbackend: reference\n")
+    profile = load_profile(str(path))
+    assert (profile.name, profile.backend, profile.source) == ("mine", "reference", str(path))
+    assert profile.features["compile"] is False and profile.features["fp8"] == "auto"  # unnamed features: auto
+
+    model = mc.optimize(build_tiny_model("tiny-mixtral"), profile=str(path))
+    assert model.moe_compile.profile == "mine" and model.moe_compile.backend == "reference"
+    assert len(model.moe_compile.fused) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("features: [compile, fp8\n", "not valid YAML"),  # YAML syntax error
+    ("features: 3\n", "'features' mapping"),  # wrong shape
+    ("feature:\n  fp8: false\n", "unknown keys"),  # a typo in a top-level key
+    ("features:\n  fp8: maybe\n", "true, false or auto"),  # a value that is not a decision
+    ("features:\n  fp9: false\n", "unknown option 'fp9'"),  # a feature that does not exist
+    ("backend: tpu\n", "backend must be one of"),
+])
+def test_a_malformed_profile_names_the_file(tmp_path, text, expected):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match=expected) as info:
+        load_profile(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_an_unknown_profile_lists_the_builtins():
+    with pytest.raises(ProfileError, match="balanced"):
+        load_profile("fastest")
+    with pytest.raises(ProfileError, match="unknown profile"):
+        load_profile("missing.yaml")  # a path that does not exist is not silently a built-in
+
+
+def test_overrides_apply_on_top_and_are_checked():
+    profile = load_profile("conservative").with_overrides({"compile": True, "backend": "reference"})
+    assert profile.features["compile"] is True and profile.backend == "reference"
+    assert load_profile("conservative").features["compile"] is False  # the original is untouched
+    with pytest.raises(ProfileError, match="valid options"):
+        profile.with_overrides({"fp9": True})
+    with pytest.raises(ProfileError, match="true, false or auto"):
+        profile.with_overrides({"compile": "yes"})
+
+    model = mc.optimize(build_tiny_model("tiny-olmoe"), "conservative", fuse_moe=False)
+    assert model.moe_compile.fused == [] and "rewrite" not in model.moe_compile.passes
+
+
+def test_auto_resolves_per_device():
+    balanced = load_profile("balanced")
+    on_cpu = resolve_features(balanced, CPU)
+    assert on_cpu.enabled["fuse_moe"] and not on_cpu.enabled["compile"]
+    assert on_cpu.unavailable == {}  # auto features that are not useful on CPU are simply off
+
+    on_gpu = resolve_features(balanced, CUDA)
+    assert on_gpu.enabled["compile"]
+    assert set(on_gpu.unavailable) == {"cuda_graphs", "specialize_phase"}
+    assert all("not in this version" in reason for reason in on_gpu.unavailable.values())
+
+    aggressive = resolve_features(load_profile("aggressive"), CUDA)
+    assert {"fp8", "sparsity_24", "fuse_shared_expert"} <= set(aggressive.unavailable)
+    assert not any(aggressive.enabled[name] for name in aggressive.unavailable)
+
+
+def test_forcing_an_unavailable_feature_raises_with_the_remedy():
+    profile = load_profile("balanced").with_overrides({"fp8": True})
+    for device in (CPU, CUDA):
+        with pytest.raises(FeatureUnavailableError, match="--disable-fp8"):
+            resolve_features(profile, device)
+    with pytest.raises(FeatureUnavailableError, match="fp8"):
+        mc.optimize(build_tiny_model("tiny-qwen3-moe"), "balanced", fp8=True)
