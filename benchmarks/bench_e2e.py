@@ -109,7 +109,6 @@ def run(args) -> list[E2ERow]:
     print(f"{meta['card']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = build_model(args.layers)
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = {b: torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda") for b in batches}
     rows, reference_tokens = [], {}
     impls = [("hf_eager", "eager", {}), ("hf_grouped_mm", "grouped_mm", {}),
              ("hf_static_cache", "grouped_mm", {"cache_implementation": "static"})]
@@ -124,7 +123,8 @@ def run(args) -> list[E2ERow]:
     optimize_s = time.perf_counter() - start
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
-        row.note = f"optimize() {optimize_s:.1f}s; features {sorted(k for k, v in model.moe_compile.features.items() if v)}"
+        enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
+        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}"
         rows.append(row)
     return rows
 

@@ -75,7 +75,7 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     try:
         if plan.enabled["fuse_moe"]:
             _fuse_all(model, chosen.backend, verify, result, swaps)  # fills `swaps` as it goes, for the undo below
-        apply_emit(model, plan.enabled, result)
+        apply_emit(model, plan.enabled, result)  # undoes its own partial work if it fails
     except BaseException:
         for swap in reversed(swaps):
             swap.undo()

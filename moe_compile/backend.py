@@ -5,7 +5,9 @@
 
 Options: `inner` ("inductor" default, or "eager" to run the passed graph as is), `backend` (pin the fused_moe
 kernel, see passes/select_backend.py), `dump_dir` (per-pass graph dumps, one `graph_NNN/` folder per captured
-graph; `MOE_COMPILE_DUMP=DIR` does the same). Unknown options are an error. Counters: see moe_compile.counters.
+graph; `MOE_COMPILE_DUMP=DIR` does the same), `cudagraphs` (Inductor's CUDA graphs). Any other key must be an
+Inductor config name (`max_autotune`, `triton.cudagraphs`, ...) and is passed to Inductor as a config patch; an
+unknown key is an error (it used to be ignored silently). Counters: see moe_compile.counters.
 The model should have been through `moe_compile.optimize` first, so its MoE blocks are `fused_moe` nodes; on
 other graphs the passes find nothing and the backend is plain Inductor.
 """
@@ -26,17 +28,31 @@ BACKEND_NAME = "moe_compile"
 _registered = False
 
 
-OPTIONS = ("inner", "backend", "dump_dir")
+OPTIONS = ("inner", "backend", "dump_dir", "cudagraphs")  # ours; any other key must be an Inductor config name
+
+
+def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options that are not ours and return them as Inductor config patches (validated by name)."""
+    from torch._inductor import config as inductor_config
+
+    patches = {key: options.pop(key) for key in [k for k in options if k not in OPTIONS]}
+    unknown = sorted(set(patches) - set(inductor_config.get_config_copy()))
+    if unknown:
+        raise ValueError(f"unknown moe_compile backend options {unknown}: neither ours {list(OPTIONS)} nor Inductor "
+                         "config names (torch._inductor.config)")
+    if options.pop("cudagraphs", False):
+        patches["triton.cudagraphs"] = True  # Inductor's CUDA graphs (cudagraph trees); a no-op for CPU graphs
+    return patches
 
 
 def moe_compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
     options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown moe_compile backend options {unknown}; valid: {list(OPTIONS)}")
     inner = options.pop("inner", "inductor")
     if inner not in ("inductor", "eager"):
         raise ValueError(f"option inner must be 'inductor' or 'eager', got {inner!r}")
+    patches = _inductor_patches(options)
+    if patches and inner == "eager":
+        raise ValueError(f"Inductor options {sorted(patches)} need inner='inductor'")
     graph_index = counters["moe_compile"]["graphs"]
     counters["moe_compile"]["graphs"] += 1
     dump_dir = options.get("dump_dir") or os.environ.get("MOE_COMPILE_DUMP")
@@ -50,7 +66,7 @@ def moe_compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options:
     from torch._inductor.compile_fx import compile_fx
 
     try:
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
     except BaseException:
         # Dynamo may restart the frame from here (e.g. TensorifyScalarRestartAnalysis for float scalars) and call
         # us again on a new graph: take this graph's counts back so counters describe the graphs that run.

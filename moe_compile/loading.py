@@ -171,11 +171,11 @@ def _load_config(path: Path, dtype: torch.dtype | None, trust_remote_code: bool,
     size = sum(p.numel() for p in probe.model.parameters()) * target.itemsize
     if size > MEMORY_FRACTION * _available_memory():
         if allow_meta:
-            probe.notes = [(f"random weights ({human_bytes(size)}) exceed this machine's free memory; built on the meta "
-                            "device: blocks are detected from structure, not proven")]
+            probe.notes = [(f"random weights ({human_bytes(size)}) exceed this machine's free memory; built on the "
+                            "meta device: blocks are detected from structure, not proven")]
             return probe
-        raise ModelLoadError(f"random weights for {path} need {human_bytes(size)}, more than this machine's free memory; "
-                             "use --dry-run for a plan, or a smaller config")
+        raise ModelLoadError(f"random weights for {path} need {human_bytes(size)}, more than this machine's free "
+                             "memory; use --dry-run for a plan, or a smaller config")
     from moe_compile.models.tiny import make_routing_decisive
 
     torch.manual_seed(seed)

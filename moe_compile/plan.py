@@ -177,6 +177,7 @@ def memory_lines(memory: MemoryEstimate) -> list[str]:
         if free < 0:
             lines.append("the weights do NOT fit: use a smaller dtype, FP8 or more devices")
         else:
-            tokens = f", about {free // memory.kv_bytes_per_token:,} tokens of KV cache" if memory.kv_bytes_per_token else ""
+            per_token = memory.kv_bytes_per_token
+            tokens = f", about {free // per_token:,} tokens of KV cache" if per_token else ""
             lines.append(f"left for KV cache and activations: {human_bytes(free)}{tokens}")
     return lines + memory.notes

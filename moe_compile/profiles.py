@@ -31,6 +31,19 @@ def _always(device: torch.device) -> Optional[str]:
     return None
 
 
+def _cuda_graphs(device: torch.device) -> Optional[str]:
+    """Capture needs a CUDA device and a fused-op backend with no host synchronisation (triton)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the model is on {device.type})"
+    from moe_compile.kernels import available_backends
+
+    if "triton" not in available_backends():
+        from moe_compile.kernels.backends import UNAVAILABLE
+
+        return f"CUDA graphs need the graph-safe triton backend, unavailable here: {UNAVAILABLE.get('triton')}"
+    return None
+
+
 def _tensorrt(device: torch.device) -> Optional[str]:
     try:
         import torch_tensorrt  # noqa: F401
@@ -43,8 +56,7 @@ def _tensorrt(device: torch.device) -> Optional[str]:
 FEATURES: dict[str, tuple[str, Callable[[torch.device], Optional[str]], Callable[[torch.device], bool]]] = {
     "fuse_moe": ("rewrite proven MoE blocks to one fused op", _always, lambda d: True),
     "compile": ("torch.compile with the moe_compile backend (Inductor)", _always, lambda d: d.type == "cuda"),
-    "cuda_graphs": ("decode steps replayed from captured CUDA graphs",
-                    _never("CUDA-graph emission is not in this version of moe_compile"), lambda d: d.type == "cuda"),
+    "cuda_graphs": ("decode steps replayed from captured CUDA graphs", _cuda_graphs, lambda d: d.type == "cuda"),
     "specialize_phase": ("separate decode and prefill kernels",
                          _never("prefill/decode specialisation is not in this version of moe_compile"),
                          lambda d: d.type == "cuda"),
@@ -87,7 +99,8 @@ class FeaturePlan:
 
 
 def builtin_profiles() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("moe_compile").joinpath("profile_data").iterdir() if p.name.endswith(".yaml"))
+    folder = resources.files("moe_compile").joinpath("profile_data")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_profile(name_or_path: Union[str, Path]) -> Profile:
@@ -112,7 +125,8 @@ def load_profile(name_or_path: Union[str, Path]) -> Profile:
 
 def _profile_text(name: str) -> tuple[str, str]:
     if name in builtin_profiles():
-        return resources.files("moe_compile").joinpath("profile_data").joinpath(f"{name}.yaml").read_text(), f"built-in '{name}'"
+        text = resources.files("moe_compile").joinpath("profile_data").joinpath(f"{name}.yaml").read_text()
+        return text, f"built-in '{name}'"
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path.read_text(), str(path)

@@ -316,5 +316,5 @@ def test_compile_feature_on_cpu_emits_torch_compile():
     model = build_tiny_model("tiny-olmoe")
     mc.optimize(model, "conservative", compile=True)
     assert model.moe_compile.features["compile"] is True
-    assert model.moe_compile.passes[-1] == "emit:torch.compile(backend=moe_compile)"
+    assert model.moe_compile.passes[-1] == "emit:torch.compile(backend=moe_compile, dynamic=True)"
     assert model._compiled_call_impl is not None

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimized(name: str) -> torch.nn.Module:
     """The tiny model `name`, optimized (conservative profile, no probe verification: these tests compare against
     the optimized model itself), built once per test session."""
@@ -150,6 +150,20 @@ def test_load_into_an_optimized_skeleton_and_cast(tmp_path):
     assert loaded.get_submodule(model.moe_compile.fused[0]).w13.dtype == torch.bfloat16
     ids = torch.randint(0, 128, (1, 7))
     assert torch.allclose(logits(loaded, ids).float(), logits(model, ids), atol=0.1, rtol=0)
+
+
+def test_cli_export_carries_the_report_and_rejects_reserved_names(tmp_path):
+    from moe_compile.checkpoint import export_for_cli
+
+    model = optimized("tiny-qwen3-moe")
+    out = export_for_cli(model, tmp_path / "ckpt", report={"result": model.moe_compile.to_dict()})
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert "moe_compile_report.json" in manifest["files"]
+    assert json.loads((out / "moe_compile_report.json").read_text())["result"]["fused"] == model.moe_compile.fused
+    mc.load(out)
+    with pytest.raises(CheckpointError, match="plain file name"):
+        mc.export(model, tmp_path / "bad", extra_files={"config.json": {}})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_non_hf_model_needs_a_skeleton(tmp_path):

@@ -32,6 +32,8 @@ ATOL = 1e-4
 DEFAULT_FULL = ("tiny-gpt-oss", "tiny-deepseek-v3", "tiny-user-gpt-fast")
 # Families whose whole-model ONNX export is not possible with torch 2.13 / transformers 5.24 (their blocks are).
 FULL_MODEL_LIMITS = {"tiny-llama4": "complex-valued RoPE has no ONNX lowering"}
+# Families whose routing ORT's MoE op cannot express: their blocks export as a dense decomposition.
+DENSE_FAMILIES = {"tiny-deepseek-v3", "tiny-glm4-moe", "tiny-llama4"}
 ALL = os.environ.get("MOE_COMPILE_ONNX_ALL") == "1"
 
 
@@ -67,8 +69,8 @@ def test_full_model_onnx_matches_torch(name, tmp_path):
     moe_nodes = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
     lowered = [b["onnx_lowering"] for b in manifest["blocks"]]
     assert len(moe_nodes) == lowered.count("com.microsoft::MoE")
-    if name == "tiny-deepseek-v3":
-        assert lowered == ["dense (sigmoid scoring (ORT's MoE routes by softmax))"]
+    if name in DENSE_FAMILIES:
+        assert lowered and all(v.startswith("dense (sigmoid scoring") for v in lowered)
     else:
         assert len(moe_nodes) == len(model.moe_compile.fused)
 
@@ -126,7 +128,8 @@ def test_every_fused_block_onnx_matches_torch(tmp_path):
     with torch.no_grad():
         expected = wrapper(*inputs)
     for label, g, e in zip(blocks, got, expected):
-        assert np.abs(g - e.numpy()).max() <= ATOL * max(1.0, e.abs().max().item()), label
+        assert np.abs(g - e.numpy()).max() <= ATOL * e.abs().max().item(), label  # relative: tiny blocks' outputs
+
 
     # the GPT-OSS blocks really ran with clamped pre-activations
     gpt = [(b, x) for b, x in zip(blocks.values(), inputs) if b.spec.activation == "swiglu_oai"]

@@ -15,37 +15,51 @@ the weights with strict key checking. Nothing is proven, calibrated or unpickled
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from moe_compile.checkpoint import atomic
-from moe_compile.checkpoint.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME,
-                                             block_entries, optimize_entry, read_manifest, record_file,
-                                             result_from_manifest, verify_files, versions, write_manifest)
+from moe_compile.checkpoint.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    block_entries,
+    optimize_entry,
+    read_manifest,
+    record_file,
+    result_from_manifest,
+    verify_files,
+    versions,
+    write_manifest,
+)
 from moe_compile.checkpoint.restore import match_dtypes, read_header, restore_blocks
 from moe_compile.errors import CheckpointError
 
 log = logging.getLogger("moe_compile")
 
 FORMATS = ("safetensors", "onnx")
-PathLike = Union[str, Path]
+PathLike = Union[str, Path]  # noqa: UP007 (a runtime alias)
 
-__all__ = ["FORMATS", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "export", "load"]
+__all__ = ["FORMATS", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "example_input_ids_for", "export",
+           "export_for_cli", "load"]
 
 
 def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str = "safetensors",
-           example_input_ids: Optional[torch.Tensor] = None, example_inputs: Optional[tuple] = None,
-           **onnx_options: Any) -> Path:
+           example_input_ids: torch.Tensor | None = None, example_inputs: tuple | None = None,
+           extra_files: dict[str, Any] | None = None, **onnx_options: Any) -> Path:
     """Write `model` (optimized or not) to the new directory `out_dir`, atomically; return its path.
 
     format="safetensors": weights + config + manifest, restored by `load`. format="onnx": `model.onnx` + manifest;
     needs `example_input_ids` (HF causal LMs) or `example_inputs` (any module), see `onnx_export.export_onnx`.
-    An existing `out_dir` is replaced only with `force=True`.
+    An existing `out_dir` is replaced only with `force=True`. `extra_files`: name -> JSON-serialisable data, written
+    beside the weights and hashed in the manifest (e.g. the CLI's report).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects a torch.nn.Module, got {type(model).__name__}")
@@ -53,7 +67,7 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
         from moe_compile.checkpoint.onnx_export import export_onnx
 
         return export_onnx(model, out_dir, force=force, example_input_ids=example_input_ids,
-                           example_inputs=example_inputs, **onnx_options)
+                           example_inputs=example_inputs, extra_files=extra_files, **onnx_options)
     if format != "safetensors":
         raise CheckpointError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if onnx_options or example_input_ids is not None or example_inputs is not None:
@@ -67,7 +81,7 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "writer": "moe_compile"})
         atomic.file_written(tmp / WEIGHTS_NAME)
         record_file(files, tmp, WEIGHTS_NAME)
-        for name in save_hf_configs(model, tmp):
+        for name in save_hf_configs(model, tmp) + write_extra_files(tmp, extra_files):
             record_file(files, tmp, name)
         manifest = base_manifest("safetensors", model)
         manifest.update(files=files, aliases=aliases, num_tensors=len(tensors), dtype=main_dtype(tensors))
@@ -93,6 +107,40 @@ def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:
         "blocks": block_entries(model),
         "optimize": optimize_entry(model),
     }
+
+
+def write_extra_files(directory: Path, extra_files: dict[str, Any] | None) -> list[str]:
+    reserved = {MANIFEST_NAME, WEIGHTS_NAME, "config.json", "generation_config.json", "model.onnx"}
+    written = []
+    for name, data in (extra_files or {}).items():
+        if Path(name).name != name or name in reserved or name.startswith("."):
+            raise CheckpointError(f"extra file name {name!r} must be a plain file name other than {sorted(reserved)}")
+        (directory / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        atomic.file_written(directory / name)
+        written.append(name)
+    return written
+
+
+def example_input_ids_for(model: nn.Module, batch: int = 1, sequence: int = 8, seed: int = 0) -> torch.Tensor:
+    """Random token ids [batch, sequence] in the model's vocabulary (for ONNX export from the CLI)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None) or 2
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, int(vocab), (batch, sequence), generator=generator)
+
+
+def export_for_cli(model: nn.Module, out_dir: PathLike, format: str = "safetensors", force: bool = False,
+                   report: dict[str, Any] | None = None, report_name: str = "moe_compile_report.json",
+                   batch: int = 1, sequence: int = 8) -> Path:
+    """What `moe-compile optimize --output DIR [--format onnx]` / `moe-compile export` should call after optimize:
+    the checkpoint (or ONNX file) with the CLI's report inside it, hashed by the manifest."""
+    extra = {report_name: report} if report is not None else None
+    if format == "onnx":
+        return export(model, out_dir, force=force, format="onnx", extra_files=extra,
+                      example_input_ids=example_input_ids_for(model, batch, sequence))
+    return export(model, out_dir, force=force, format=format, extra_files=extra)
 
 
 def save_hf_configs(model: nn.Module, directory: Path) -> list[str]:
@@ -142,7 +190,7 @@ def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return out, aliases
 
 
-def main_dtype(tensors: dict[str, torch.Tensor]) -> Optional[str]:
+def main_dtype(tensors: dict[str, torch.Tensor]) -> str | None:
     counts: dict[torch.dtype, int] = defaultdict(int)
     for tensor in tensors.values():
         if tensor.is_floating_point():
@@ -190,9 +238,9 @@ class _null:
         return False
 
 
-def load(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-         model: Optional[nn.Module] = None, trust_remote_code: bool = False,
-         compile: Optional[bool] = None) -> nn.Module:
+def load(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         model: nn.Module | None = None, trust_remote_code: bool = False,
+         compile: bool | None = None) -> nn.Module:
     """Restore a model written by `export` (format safetensors): the optimized model, ready to run.
 
     HF checkpoints are rebuilt from their config; for other modules pass the skeleton `model=` (the original

@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from moe_compile.errors import CheckpointError
 
@@ -27,7 +27,7 @@ OLD_TAG = ".moe_compile-old-"  # .{target}.moe_compile-old-{pid}-{rand}: a repla
 _SIDE_RE = re.compile(r"^\.(?P<target>.+)\.moe_compile-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 # Called with each file's path right after it is written and fsynced (tests use it to kill a writer midway).
-after_file_written: Optional[Callable[[Path], None]] = None
+after_file_written: Callable[[Path], None] | None = None
 
 
 def fsync_file(path: Path) -> None:

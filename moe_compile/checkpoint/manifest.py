@@ -11,7 +11,7 @@ import hashlib
 import json
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +35,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict[str, Optional[str]]:
+def versions() -> dict[str, str | None]:
     import moe_compile
 
-    found: dict[str, Optional[str]] = {"moe_compile": moe_compile.__version__, "torch": torch.__version__,
+    found: dict[str, str | None] = {"moe_compile": moe_compile.__version__, "torch": torch.__version__,
                                        "python": platform.python_version()}
     for name in ("transformers", "safetensors", "onnx", "onnxruntime", "onnxscript"):
         try:
@@ -70,7 +70,7 @@ def block_entries(model: nn.Module) -> list[dict[str, Any]]:
     return entries
 
 
-def optimize_entry(model: nn.Module) -> Optional[dict[str, Any]]:
+def optimize_entry(model: nn.Module) -> dict[str, Any] | None:
     result = getattr(model, "moe_compile", None)
     return result.to_dict() if isinstance(result, OptimizeResult) else None
 

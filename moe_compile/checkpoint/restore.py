@@ -7,7 +7,7 @@ expert and its gate are the original block's own child modules: structural detec
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ def read_header(path) -> Header:
     header: Header = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 sliced = handle.get_slice(key)
                 header[key] = (tuple(sliced.get_shape()), _DTYPES[sliced.get_dtype()])
     except Exception as exc:  # safetensors raises its own error types for malformed headers
@@ -42,7 +42,7 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def _empty(header: Header, key: str, required: bool) -> Optional[torch.Tensor]:
+def _empty(header: Header, key: str, required: bool) -> torch.Tensor | None:
     if key not in header:
         if required:
             raise CheckpointError(f"the weight file has no tensor {key!r}, which the manifest's spec requires")
@@ -51,7 +51,7 @@ def _empty(header: Header, key: str, required: bool) -> Optional[torch.Tensor]:
     return torch.empty(shape, dtype=dtype, requires_grad=dtype.is_floating_point)
 
 
-def _check_shapes(name: str, spec: MoESpec, tensors: dict[str, Optional[torch.Tensor]]) -> None:
+def _check_shapes(name: str, spec: MoESpec, tensors: dict[str, torch.Tensor | None]) -> None:
     e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
     expected = {"router_weight": (e, h), "w13": (e, 2 * i if spec.gated else i, h), "w2": (e, h, i),
                 "router_bias": (e,), "correction_bias": (e,), "b13": (e, 2 * i if spec.gated else i), "b2": (e, h)}
@@ -62,7 +62,7 @@ def _check_shapes(name: str, spec: MoESpec, tensors: dict[str, Optional[torch.Te
 
 
 def _shared_modules(model: nn.Module, name: str, block: nn.Module, spec: MoESpec,
-                    candidates: dict[str, Any]) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+                    candidates: dict[str, Any]) -> tuple[nn.Module | None, nn.Module | None]:
     if spec.shared_expert == "none":
         return None, None
     from moe_compile.detect import get_path

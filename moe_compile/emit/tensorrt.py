@@ -16,8 +16,9 @@ forward (PyTorch-fallback subgraphs included) and re-records on each new input s
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def import_torch_tensorrt() -> Any:
                                       f"{exc}); it needs an NVIDIA driver and a torch build matching its pin") from exc
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
+def unavailable_reason(device: torch.device) -> str | None:
     """Why the tensorrt emit cannot run on `device`, or None (imports torch-tensorrt when it may be usable)."""
     if torch.device(device).type != "cuda":
         return "torch-tensorrt runs on CUDA devices only"
@@ -64,9 +65,9 @@ class TensorRTSettings:
     extra: dict = field(default_factory=dict)  # any other torch_tensorrt.compile keyword, passed as is
 
     def compile_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(ir="dynamo", enabled_precisions=set(self.enabled_precisions),
-                      torch_executed_ops=set(self.torch_executed_ops), min_block_size=self.min_block_size,
-                      use_explicit_typing=self.use_explicit_typing, sparse_weights=self.sparse_weights)
+        kwargs = {"ir": "dynamo", "enabled_precisions": set(self.enabled_precisions),
+                  "torch_executed_ops": set(self.torch_executed_ops), "min_block_size": self.min_block_size,
+                  "use_explicit_typing": self.use_explicit_typing, "sparse_weights": self.sparse_weights}
         kwargs.update(self.extra)
         return kwargs
 
@@ -105,7 +106,7 @@ def _all_cuda(inputs: list) -> bool:
 
 
 def compile_tensorrt(model: nn.Module, example_inputs: Sequence[torch.Tensor],
-                     settings: Optional[TensorRTSettings] = None) -> TensorRTModule:
+                     settings: TensorRTSettings | None = None) -> TensorRTModule:
     """Compile an optimized `model` (called as `model(*example_inputs)`) with torch-tensorrt.
 
     Every `fused_moe` node stays a PyTorch op (our kernel); TensorRT takes the rest. Raises MissingDependencyError

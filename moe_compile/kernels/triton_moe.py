@@ -19,6 +19,7 @@ P = padded slots.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -154,6 +155,11 @@ def _config(x: Tensor, w13: Tensor, w2: Tensor, num_rows: int) -> MoEConfig:
     if cfg.gemv and not (x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1):
         # the GEMV kernels step along a contiguous K axis; other layouts take the tensor-core decode kernels
         cfg = select_config(num_rows, num_experts, hidden, inter, x.device.index or 0, allow_gemv=False)
+    if x.element_size() == 4 and not cfg.gemv:
+        # the tile shapes are sized for 2-byte operands: fp32 tiles of the same BLOCK_K would exceed shared memory
+        # (a BLOCK_M 16 decode tile at 4 stages: 240 KB of 227)
+        cfg = replace(cfg, gate_up=replace(cfg.gate_up, block_k=max(16, cfg.gate_up.block_k // 2)),
+                      down=replace(cfg.down, block_k=max(16, cfg.down.block_k // 2)))
     return cfg
 
 

@@ -37,7 +37,7 @@ DEFAULTS = dict(scoring="softmax", renormalize=True, n_group=1, topk_group=1, ro
 
 # (T, E, K, H, I, overrides)  # edge covered
 CASES = [
-    (1, 8, 2, 128, 64, {}),  # decode: one token (routing + tiles in one launch), Mixtral-like routing, GEMV
+    (1, 8, 2, 128, 64, {}),  # decode: one token (routing + tiles in one launch), Mixtral-like routing
     (1, 256, 8, 160, 96, dict(scoring="sigmoid", n_group=8, topk_group=4, correction_bias=True,
                               routed_scaling=2.5)),  # DeepSeek-V3 routing at one token
     (2, 512, 16, 64, 32, {}),  # the largest E and K the design asks for, two tokens
@@ -102,8 +102,8 @@ def test_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("case", [CASES[2], CASES[5]], ids=["odd-gelu", "gpt-oss"])
-def test_other_dtypes(case, dtype):  # fp16 and fp32: other dot precisions and output casts
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[5]], ids=["odd-gelu", "gpt-oss", "deepseek-513"])
+def test_other_dtypes(case, dtype):  # fp16 and fp32: other dot precisions, output casts, fp32 shared memory
     T, E, K, H, I, overrides = case
     tensors, scalars = make_inputs(T, E, K, H, I, dtype, **overrides)
     check(triton_fused_moe(**tensors, **scalars), fp32_reference(tensors, scalars), dtype)
@@ -226,8 +226,9 @@ def test_decode_kernels_on_crowded_experts(name, overrides):
     check(out, ref, dtype)
 
 
-def test_gemv_falls_back_for_strided_weights():
-    """A w13 that is not contiguous along H takes the tensor-core kernels (which take any strides)."""
+def test_strided_weights():
+    """A w13 that is not contiguous along H (the GEMV kernels, when selected, hand such weights to the tensor-core
+    kernels, which take any strides)."""
     dtype = torch.float16 if INTERPRET else torch.bfloat16
     tensors, scalars = make_inputs(1, 8, 2, 64, 32, dtype)
     tensors["w13"] = tensors["w13"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, H not contiguous

@@ -102,8 +102,12 @@ def test_negative_dense_graph():
     assert torch.equal(actual, model(x))
 
 
-@pytest.mark.parametrize("options, message", [({"bakend": "reference"}, "unknown moe_compile backend options"),
-                                              ({"inner": "tensorrt"}, "option inner must be")])
+@pytest.mark.parametrize("options, message", [
+    ({"bakend": "reference"}, "unknown moe_compile backend options"),  # a typo is not silently ignored
+    ({"inner": "tensorrt"}, "option inner must be"),
+    ({"inner": "eager", "max_autotune": True}, "need inner='inductor'"),  # Inductor options without Inductor
+    ({"inner": "eager", "cudagraphs": True}, "need inner='inductor'"),
+])
 def test_bad_options_are_errors(options, message):
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=message):
@@ -116,7 +120,8 @@ def test_inductor_end_to_end(optimized):
     """The full path: passes, then Inductor (CPU C++ codegen), dynamic token count; one compile, two lengths.
     Cold-cache compile takes 30-60 s on 2 cores (the Inductor FX graph cache makes reruns ~10 s)."""
     model, ids, expected = optimized["tiny-qwen3-moe"]
-    compiled = torch.compile(model, backend="moe_compile", dynamic=True)
+    # `cudagraphs` (as emit/generate.py passes it) goes to Inductor as triton.cudagraphs: a no-op on CPU graphs
+    compiled = torch.compile(model, backend="moe_compile", dynamic=True, options={"cudagraphs": True})
     longer = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         actual = compiled(ids).logits

@@ -24,8 +24,9 @@ ROW_CHUNK = 128
 # for any E (E = 512 gives 8 x 512).
 PREFIX_TILE_ELEMS = 4096
 # Up to this many routed rows the whole alignment runs in one program (`_align_small_kernel`): 2 x N / CHUNK
-# steps of a few hundred ns against a memset and three launches of ~2-3 us each.
-SMALL_ROWS = 256
+# serial steps against a memset and three launches. H100, Qwen3 shape, graph replay: N = 8: 7.4 vs 10.7 us;
+# N = 64: 9.5 vs 11.2; N = 256: 21.2 vs 14.8 (benchmarks/NOTES.md, version 3).
+SMALL_ROWS = 64
 
 
 def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:

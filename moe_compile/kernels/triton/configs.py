@@ -2,10 +2,10 @@
 capture, the same config for the same shape every call).
 
 Three regimes, told apart by the average routed rows per expert (N / E, balanced routing assumed):
-- GEMV decode (<= GEMV_MAX_ROWS_PER_EXPERT rows per expert): tiles of 1-4 rows, fp32 FMA kernels that stream the
-  weights without tensor cores (`experts.gate_up_gemv_kernel`).
-- tensor-core decode (<= 16 rows per expert): each weight byte is read once and the time is bytes / bandwidth. BLOCK_M = 16
-  (the smallest tensor-core tile); column tiles and split-K are chosen so that at least ~4 programs per SM stream
+- GEMV decode (<= GEMV_MAX_ROWS_PER_EXPERT rows per expert, off by default: see there): tiles of 1-8 rows, fp32
+  FMA kernels that stream the weights without tensor cores (`experts.gate_up_gemv_kernel`).
+- tensor-core decode (<= 16 rows per expert): each weight byte is read once and the time is bytes / bandwidth.
+  BLOCK_M = 16 (the smallest tensor-core tile); column tiles and split-K are chosen so that at least ~4 programs per SM stream
   weights at once, since with 1 token only K experts have work (Qwen3: 8 tiles).
 - prefill (> 48 rows per expert): tensor-core bound; BLOCK_M = 32 in between keeps padding low.
 
@@ -25,8 +25,11 @@ import triton
 # memory-bound GEMM (an H100 SM holds ~2-4 of these 4-warp programs at once).
 PROGRAMS_PER_SM = 4
 # GEMV decode kernels (no tensor cores) up to this many routed rows per expert (balanced routing assumed), tiles
-# of the next power of two rows; their programs are small, so more of them per SM.
-GEMV_MAX_ROWS_PER_EXPERT = 4
+# of the next power of two rows; their programs are small, so more of them per SM. Off (0): on an H100 they were
+# no faster than the tensor-core decode kernels at 1 row per expert (Qwen3 1 token: gate_up 24.5 vs 23.8 us,
+# down 16.7 vs 17.6; DeepSeek-V3: 174.8 vs 200.9, 84.0 vs 87.0) and slower from 8 tokens on (Qwen3 32 tokens:
+# 353 vs 226 us); benchmarks/NOTES.md, version 3. Kept selectable (gemv_config) for the sweep.
+GEMV_MAX_ROWS_PER_EXPERT = 0
 GEMV_PROGRAMS_PER_SM = 8
 
 
