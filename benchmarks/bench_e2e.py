@@ -112,12 +112,16 @@ def run(args) -> list[E2ERow]:
     rows, reference_tokens = [], {}
     impls = [("hf_eager", "eager", {}), ("hf_grouped_mm", "grouped_mm", {}),
              ("hf_static_cache", "grouped_mm", {"cache_implementation": "static"})]
-    for name, experts_impl, kwargs in impls:
+    wanted = args.impls.split(",")
+    for name, experts_impl, kwargs in [i for i in impls if i[0] in wanted]:
         set_experts_implementation(model, experts_impl)
         for b in batches:
             steps = min(args.steps, EAGER_MAX_STEPS) if experts_impl == "eager" else args.steps
             rows.append(_row(meta, model, b, args, name, steps, bandwidth, reference_tokens, kwargs))
+            write_rows(rows, args.stem)  # partial results survive a time limit
     set_experts_implementation(model, "grouped_mm")
+    if "moe_compile" not in wanted:
+        return rows
     start = time.perf_counter()
     mc.optimize(model, args.profile)
     optimize_s = time.perf_counter() - start
@@ -126,7 +130,24 @@ def run(args) -> list[E2ERow]:
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
         row.note = f"optimize() {optimize_s:.1f}s; features {enabled}"
         rows.append(row)
+        write_rows(rows, args.stem)
+    if args.trace:
+        trace_decode(model, args, batches[0])
     return rows
+
+
+def trace_decode(model, args, batch: int) -> None:
+    """Kernel time table of a few decode steps (after warm-up): where the step's time goes beyond the floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device="cuda")
+    timed_generate(model, ids, 5)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_generate(model, ids, 5)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    with open(args.stem + f"_trace_batch{batch}.txt", "w") as f:
+        f.write(f"generate(prompt {args.prompt}, 5 new tokens), batch {batch}, {args.layers} layers\n{table}\n")
+    print(table[:6000])
 
 
 def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwargs) -> E2ERow:
@@ -177,6 +198,13 @@ def plot(rows: list[E2ERow], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_rows(rows: list[E2ERow], stem: str) -> None:
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48)
@@ -184,17 +212,17 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--profile", default="balanced")
+    parser.add_argument("--impls", default="hf_eager,hf_grouped_mm,hf_static_cache,moe_compile")
+    parser.add_argument("--trace", action="store_true", help="profile a few decode steps of ours at the first batch")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
-    rows = run(args)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"e2e_{rows[0].card.replace(' ', '_')}_{rows[0].date}")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    plot(rows, stem + ".png")
-    print(f"\nwrote {stem}.csv and .png")
+    meta = utils.run_meta()
+    args.stem = os.path.join(args.out, f"e2e_{meta['card'].replace(' ', '_')}_{meta['date']}")
+    rows = run(args)
+    write_rows(rows, args.stem)
+    plot(rows, args.stem + ".png")
+    print(f"\nwrote {args.stem}.csv and .png")
 
 
 if __name__ == "__main__":

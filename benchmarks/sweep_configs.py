@@ -89,8 +89,8 @@ def sweep_case(shape, tokens, w13, w2, rw, decode_only=False):
         for bm in dict.fromkeys(block_ms):
             for g in (DECODE if bm == 16 else PREFILL):
                 for split in ((1, 2, 4) if bm == 16 else (1,)):
-                    variants.append((f"BM{bm} BN{g.block_n} BK{g.block_k} w{g.num_warps} s{g.num_stages} "
-                                     f"split{split}", replace(base, block_m=bm, gate_up=g, down=replace(g, split_k=split))))
+                    label = f"BM{bm} BN{g.block_n} BK{g.block_k} w{g.num_warps} s{g.num_stages} split{split}"
+                    variants.append((label, replace(base, block_m=bm, gate_up=g, down=replace(g, split_k=split))))
     for label, cfg in variants:
         rows, tiles, n_tiles = align_by_expert(ids, shape.experts, cfg.block_m)
         act = tm._gate_up(x, w13, None, topk_w, rows, tiles, n_tiles, shape.inter, s["top_k"], cfg, False, "silu",

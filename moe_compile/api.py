@@ -62,10 +62,19 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **overrides: Any) -> nn.Module:
-    """Rewrite `model` in place and return it; `model.moe_compile` says what was applied."""
+    """Rewrite `model` in place and return it; `model.moe_compile` says what was applied.
+
+    Besides the profile's features, `expert_parallel=N` (or a `moe_compile.parallel.ExpertParallelConfig`) shards
+    the fused blocks' experts over N ranks of a torchrun job; `verify=False` skips the probe-input checks.
+    `fp8` / `sparsity_24` pass a quality gate: `calibration_text=` (str or bytes for byte-level models, else token
+    ids; the built-in quality model defaults to its held-out text) and `quality_thresholds=` (largest relative
+    perplexity increase, default {"fp8": 0.01, "sparsity_24": 0.05}); the numbers land in `.quality`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     verify = overrides.pop("verify", True)
+    expert_parallel = overrides.pop("expert_parallel", None)  # ranks (int) or ExpertParallelConfig: not a profile flag
+    calibration = overrides.pop("calibration_text", None)  # quality gate for fp8 / sparsity_24 (str, bytes or ids)
+    thresholds = overrides.pop("quality_thresholds", None)  # e.g. {"fp8": 0.01, "sparsity_24": 0.05}
     chosen = load_profile(profile).with_overrides(overrides)
     device = _model_device(model)
     plan = resolve_features(chosen, device)
@@ -75,6 +84,15 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     try:
         if plan.enabled["fuse_moe"]:
             _fuse_all(model, chosen.backend, verify, result, swaps)  # fills `swaps` as it goes, for the undo below
+        if plan.enabled.get("fp8") or plan.enabled.get("sparsity_24"):
+            from moe_compile.quant.gate import apply_quality_gated
+
+            result.notes.update(plan.notes)
+            swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds)  # each has .undo()
+        if expert_parallel is not None:
+            from moe_compile.parallel import apply_expert_parallel
+
+            apply_expert_parallel(model, expert_parallel, device, plan.enabled, result, swaps, verify)
         apply_emit(model, plan.enabled, result)  # undoes its own partial work if it fails
     except BaseException:
         for swap in reversed(swaps):
@@ -91,8 +109,9 @@ def _fuse_all(model: nn.Module, backend: str, verify: bool, result: OptimizeResu
     _record_already_fused(model, result)
     candidates = find_candidates(model, model_config(model))
     result.passes += ["prove", "rewrite"] + (["verify"] if verify else [])
+    proofs: dict = {}  # one proof per distinct block structure; every block is still verified on its own weights
     for candidate in progress(candidates, "fusing MoE blocks"):
-        outcome = fuse_block(model, candidate, backend, verify)
+        outcome = fuse_block(model, candidate, backend, verify, proofs)
         if outcome.swap is None:
             result.skipped[candidate.name] = outcome.reason
             continue

@@ -3,6 +3,7 @@
     moe-compile inspect MODEL                       # every MoE block and what it computes
     moe-compile optimize MODEL --dry-run            # the plan: blocks, features, passes, memory; writes nothing
     moe-compile optimize MODEL --output DIR         # optimize, then save a report of what was applied
+    moe-compile bench --quality                     # perplexity: bf16 vs FP8 vs 2:4 vs FP8+2:4 (emulated)
     moe-compile list-models | profiles
 
 Exit codes: 0 ok, 1 a handled error (one line on stderr naming the problem and the remedy), 2 a usage error.
@@ -31,7 +32,7 @@ from rich.table import Table
 import moe_compile as mc
 from moe_compile.errors import MoECompileError
 from moe_compile.loading import DTYPES, MODEL_HELP, LoadedModel, load_model, parse_dtype
-from moe_compile.plan import Plan, build_plan, feature_rows, features_table, memory_lines
+from moe_compile.plan import Plan, build_plan, feature_rows, features_table, human_bytes, memory_lines
 from moe_compile.profiles import BACKENDS, FEATURES, builtin_profiles, load_profile
 
 REPORT_NAME = "moe_compile_report.json"
@@ -101,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(optimize)
     _optimize_options(optimize)
     optimize.set_defaults(func=cmd_optimize)
+    bench = commands.add_parser("bench", help="benchmarks; --quality: perplexity of bf16 / FP8 / 2:4 / FP8+2:4",
+                                description="Perplexity of the shipped quality model (a byte-level Qwen3-MoE "
+                                "trained on the Python stdlib) on its held-out text, with expert weights in bf16, "
+                                "FP8, 2:4 and FP8+2:4. FP8 and 2:4 run emulated here: quality, not speed.")
+    bench.add_argument("--quality", action="store_true", help="the perplexity table (the only bench in this version)")
+    bench.add_argument("--max-bytes", type=int, default=16384, help="held-out bytes to evaluate (default 16384)")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to FILE")
+    bench.set_defaults(func=cmd_bench)
     commands.add_parser("list-models", help="the built-in tiny models").set_defaults(func=cmd_list_models)
     commands.add_parser("profiles", help="built-in profiles and features").set_defaults(func=cmd_profiles)
     return parser
@@ -215,6 +224,26 @@ def write_report(output: Path, data: dict[str, Any], force: bool) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    if not args.quality:
+        raise MoECompileError("bench: choose a benchmark: --quality (kernel benchmarks live in benchmarks/)")
+    from moe_compile.quality.bench import quality_table
+
+    rows = quality_table(max_bytes=args.max_bytes)
+    table = Table(title=f"quality model: held-out perplexity ({args.max_bytes} bytes of stdlib text)")
+    for column in ("experts", "perplexity", "vs bf16", "bits/byte", "expert weights", "eval s"):
+        table.add_column(column, justify="left" if column == "experts" else "right")
+    for row in rows:
+        table.add_row(row.variant, f"{row.perplexity:.4f}", f"{row.increase:+.2%}", f"{row.bits_per_byte:.4f}",
+                      human_bytes(row.expert_bytes), f"{row.seconds:.1f}")
+    console.print(table)
+    console.print("FP8 and 2:4 run emulated (dequantize / decompress, then a bf16 matmul): these are quality numbers, "
+                  "not speedups.")
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    return 0
 
 
 def cmd_list_models(args: argparse.Namespace, console: Console) -> int:

@@ -45,6 +45,8 @@ class FusedMoEBlock(nn.Module):
         self.b2 = _as_parameter(weights.b2, grad)  # [E, H]
         self.shared_expert = shared_expert
         self.shared_expert_gate = shared_gate
+        # packed expert weights (FP8 / 2:4, set by the quantize_fp8 / sparsify_24 passes); w13 and w2 are then None
+        self.packed = None
 
     @classmethod
     def from_block(cls, candidate: Candidate, block: nn.Module, spec: MoESpec, layout: ExpertLayout,
@@ -61,14 +63,19 @@ class FusedMoEBlock(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"E={s.num_experts}, top_k={s.top_k}, H={s.hidden_size}, I={s.intermediate_size}, "
-                f"routing={s.routing_summary()!r}, act={s.activation}, from={self.source_class}")
+                f"routing={s.routing_summary()!r}, act={s.activation}, from={self.source_class}"
+                + ("" if self.packed is None else f", weights={self.packed.weight_format}"))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, self.spec.hidden_size)  # [T, H]
-        out = torch.ops.moe_compile.fused_moe(
-            x, self.router_weight, self.router_bias, self.correction_bias, self.w13, self.w2, self.b13, self.b2,
-            backend=self.backend, **self.spec.op_kwargs(),
-        )  # [T, H]
+        if self.packed is not None:  # FP8 / 2:4 expert weights: torch.ops.moe_compile.fused_moe_packed
+            out = self.packed(x, self.router_weight, self.router_bias, self.correction_bias, self.b13, self.b2,
+                              self.backend, **self.spec.op_kwargs())  # [T, H]
+        else:
+            out = torch.ops.moe_compile.fused_moe(
+                x, self.router_weight, self.router_bias, self.correction_bias, self.w13, self.w2, self.b13, self.b2,
+                backend=self.backend, **self.spec.op_kwargs(),
+            )  # [T, H]
         if self.shared_expert is not None:
             shared = self.shared_expert(x)  # [T, H]
             if self.shared_expert_gate is not None:

@@ -4,7 +4,8 @@ Built-in profiles live in `moe_compile/profile_data/*.yaml`; a user passes their
 (`optimize(model, profile="my.yaml")`, `moe-compile optimize --profile my.yaml`). Overrides (`fp8=False`,
 `--enable-compile`) apply on top. `resolve_features` turns the result into on/off decisions for one device: `auto`
 means on where the feature is available and useful there; `true` for a feature this version lacks is an error
-that names the reason, never a silent claim.
+that names the reason, never a silent claim. FP8 and 2:4 exist only emulated (`EMULATED`): `auto` leaves them off
+(reported in `.unavailable`), `true` runs the emulation behind the quality gate and says so in `.notes`.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ FEATURES: dict[str, tuple[str, Callable[[torch.device], Optional[str]], Callable
                          lambda d: d.type == "cuda"),
     "fuse_shared_expert": ("shared expert computed inside the fused op",
                            _never("shared-expert fusion is not in this version of moe_compile"), lambda d: True),
-    "fp8": ("FP8 expert weights and activations", _never("FP8 is not in this version of moe_compile"),
-            lambda d: d.type == "cuda"),
-    "sparsity_24": ("2:4 sparse expert weights", _never("2:4 sparsity is not in this version of moe_compile"),
-                    lambda d: d.type == "cuda"),
+    "fp8": ("FP8 expert weights and activations (emulated in this version; quality-gated)",
+            _never("FP8 kernels are not in this version of moe_compile; fp8=True runs FP8 emulated (dequantize + "
+                   "matmul in the activation dtype) to measure quality: no speedup"), lambda d: True),
+    "sparsity_24": ("2:4 sparse expert weights (emulated in this version; quality-gated)",
+                    _never("2:4 sparse kernels are not in this version of moe_compile; sparsity_24=True runs 2:4 "
+                           "emulated (decompress + dense matmul) to measure quality: no speedup"), lambda d: True),
     "tensorrt": ("torch-tensorrt emission", _tensorrt, lambda d: False),
 }
 
@@ -92,10 +95,19 @@ class Profile:
         return Profile(self.name, features, backend, self.description, self.source)
 
 
+# Features with an emulated path (plain torch, any device): `auto` never turns them on, since they are no faster
+# (their `why_not` says so); forcing them on runs the emulation, for quality measurements, and records this note.
+EMULATED: dict[str, str] = {
+    "fp8": "FP8 runs emulated (dequantize + matmul in the activation dtype): real FP8 numerics, no speedup",
+    "sparsity_24": "2:4 runs emulated (decompress + dense matmul): real 2:4 numerics, no speedup",
+}
+
+
 @dataclass
 class FeaturePlan:
     enabled: dict[str, bool] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # asked for with `auto`, not applied, and why
+    notes: dict[str, str] = field(default_factory=dict)  # forced on and applied with a caveat (EMULATED)
 
 
 def builtin_profiles() -> list[str]:
@@ -150,6 +162,10 @@ def resolve_features(profile: Profile, device: torch.device) -> FeaturePlan:
     for name, value in profile.features.items():
         _, why_not, auto_on = FEATURES[name]
         reason = why_not(device)
+        if value is True and reason and name in EMULATED:
+            plan.notes[name] = EMULATED[name]
+            plan.enabled[name] = True
+            continue
         if value is True and reason:
             raise FeatureUnavailableError(f"feature {name!r} was forced on, but {reason}; "
                                           f"turn it off (--disable-{name.replace('_', '-')} or {name}=False)")

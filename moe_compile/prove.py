@@ -12,6 +12,7 @@ Dimension legend: T = tokens, E = experts, K = top_k, H = hidden.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -91,15 +92,30 @@ def _randomized_copy(candidate: Candidate, generator: torch.Generator, dtype: to
     device = torch.device("cpu") if dtype == torch.float64 else next(block.parameters()).device
     probe = copy.deepcopy(block).to(device=device, dtype=dtype).eval()
     _use_eager_experts(probe)
+    # Draw on the copy's own device: a CPU generator would make a GPU block's billions of values on the host.
+    if device.type != "cpu":
+        generator = torch.Generator(device=device).manual_seed(generator.initial_seed())
     with torch.no_grad():
         for tensor in itertools.chain(probe.parameters(), probe.buffers()):
             if tensor.is_floating_point():
                 std = 0.1 if tensor.dim() == 1 else 1.0 / math.sqrt(tensor.shape[-1])
-                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=dtype) * std)
+                tensor.normal_(0.0, std, generator=generator)
         router = get_path(probe, candidate.router.path)
         weight = getattr(router, candidate.router.weight_name)
-        weight.copy_(torch.randn(weight.shape, generator=generator, dtype=dtype) * (2.0 / math.sqrt(weight.shape[1])))
+        weight.normal_(0.0, 2.0 / math.sqrt(weight.shape[1]), generator=generator)
     return probe
+
+
+def proof_key(candidate: Candidate) -> tuple:
+    """Blocks with equal keys compute the same function family: same class, parameter and buffer names, shapes and
+    dtypes, hints, router and shared-expert paths. One proof serves them all; each block is still verified on its
+    own weights (rewrite.verify_block), so a shared proof can never ship a wrong block."""
+    module = candidate.module
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in itertools.chain(module.named_parameters(),
+                                                                              module.named_buffers()))
+    layouts = tuple(layout.description for layout in candidate.layouts)
+    return (candidate.class_name, tensors, dataclasses.astuple(candidate.hints), dataclasses.astuple(candidate.router),
+            candidate.shared_expert_path, candidate.shared_gate_path, layouts)
 
 
 def _use_eager_experts(block: nn.Module) -> None:

@@ -85,6 +85,9 @@ class OptimizeResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # feature the profile wanted -> why not applied
     passes: list[str] = field(default_factory=list)  # stages and graph passes run, in order
     pass_counts: dict[str, int] = field(default_factory=dict)  # pass -> rewrites it made
+    notes: dict[str, str] = field(default_factory=dict)  # feature -> caveat (e.g. runs emulated: no speedup)
+    quality: dict[str, dict[str, Any]] = field(default_factory=dict)  # fp8 / sparsity_24 -> quality gate record
+    expert_parallel: dict[str, Any] = field(default_factory=dict)  # requested/size/rank/placement when asked for
 
     @property
     def max_error(self) -> float:
@@ -104,6 +107,17 @@ class OptimizeResult:
             table.add_row(name, "skipped", escape(reason))
         for name, reason in self.unavailable.items():
             table.add_row(f"feature {name}", "unavailable", escape(reason))
+        for name, note in self.notes.items():
+            table.add_row(f"feature {name}", "applied" if self.features.get(name) else "note", escape(note))
+        for name, q in self.quality.items():
+            detail = (f"perplexity {q['ppl_base']:.3f} -> {q['ppl']:.3f} ({q['increase']:+.2%}, threshold "
+                      f"{q['threshold']:.2%})" if q.get("gated") else q.get("reason", ""))
+            table.add_row(f"quality gate {name}", "accepted" if q["applied"] else "rejected", escape(detail))
+        if self.expert_parallel:
+            ep = self.expert_parallel
+            detail = (f"requested {ep['requested']}, rank {ep.get('rank', 0)}, overlap {ep.get('overlap', '-')}"
+                      if ep["size"] > 1 else escape(f"requested {ep['requested']}: {ep.get('reason', '')}"))
+            table.add_row("expert parallel", f"{ep['size']} ranks", detail)
         return table
 
     def __str__(self) -> str:

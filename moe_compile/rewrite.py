@@ -14,7 +14,7 @@ from torch import nn
 
 from moe_compile.detect import Candidate
 from moe_compile.fused_block import FusedMoEBlock, block_output_tensor
-from moe_compile.prove import prove
+from moe_compile.prove import Proof, proof_key, prove
 from moe_compile.spec import MoESpec
 
 # Relative L2 error of the fused block against the original block, in the model's own dtype and device. bf16 and
@@ -70,10 +70,27 @@ def verify_block(original: nn.Module, fused: nn.Module, candidate: Candidate) ->
     return max(errors)
 
 
-def fuse_block(model: nn.Module, candidate: Candidate, backend: str = "auto", verify: bool = True) -> FuseOutcome:
+def fuse_block(model: nn.Module, candidate: Candidate, backend: str = "auto", verify: bool = True,
+               proofs: Optional[dict] = None) -> FuseOutcome:
+    """Prove (or reuse the proof of an identical block from `proofs`), build, verify and swap one block.
+
+    A reused proof that fails this block's verification is not trusted further: the block is proven on its own.
+    """
     if not candidate.supported:
         return FuseOutcome(reason=candidate.reason or "not supported")
+    key = proof_key(candidate) if proofs is not None else None
+    cached = proofs.get(key) if proofs is not None else None
+    if cached is not None:
+        outcome = _build_and_swap(model, candidate, cached, backend, verify)
+        if outcome.swap is not None or not cached.proven:
+            return outcome
     proof = prove(candidate)
+    if proofs is not None and cached is None:
+        proofs[key] = proof
+    return _build_and_swap(model, candidate, proof, backend, verify)
+
+
+def _build_and_swap(model: nn.Module, candidate: Candidate, proof: Proof, backend: str, verify: bool) -> FuseOutcome:
     if not proof.proven:
         return FuseOutcome(reason=proof.reason or "not proven")
     parent, attr = _parent_and_attr(model, candidate.name)

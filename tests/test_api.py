@@ -153,8 +153,8 @@ def test_failure_restores_training_mode(monkeypatch):
 def test_forced_unavailable_feature_raises_before_any_change():
     model = build_tiny_model("tiny-qwen3-moe")
     snapshot = _snapshot(model)
-    with pytest.raises(mc.FeatureUnavailableError, match="fp8"):
-        mc.optimize(model, "conservative", fp8=True)
+    with pytest.raises(mc.FeatureUnavailableError, match="specialize_phase"):
+        mc.optimize(model, "conservative", specialize_phase=True)
     _assert_unchanged(model, snapshot)
 
 

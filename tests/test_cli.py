@@ -131,9 +131,9 @@ def test_unknown_profile_is_a_clean_error(capsys):
 
 
 def test_forcing_an_unavailable_feature_is_a_clean_error(capsys):
-    assert main(["optimize", "tiny-qwen3-moe", "--enable-fp8"]) == 1
+    assert main(["optimize", "tiny-qwen3-moe", "--enable-specialize-phase"]) == 1
     err = error_line(capsys)
-    assert "'fp8'" in err and "--disable-fp8" in err
+    assert "'specialize_phase'" in err and "--disable-specialize-phase" in err
 
 
 def test_cuda_without_a_gpu_is_a_clean_error(capsys, monkeypatch):

@@ -2,7 +2,7 @@
 PyTorch within 1e-4 (fp32).
 
 Full causal LMs (`input_ids -> logits`, no KV cache) are exported for a representative set by default (each export
-takes ~10 s); set MOE_COMPILE_ONNX_ALL=1 to export every family. Every fused block of every family is checked at the
+takes ~10 s); set MOE_COMPILE_ONNX_ALL=1 to export every family. A fused block of every family is checked at the
 block level in one export.
 """
 
@@ -87,7 +87,7 @@ def test_full_model_onnx_matches_torch(name, tmp_path):
 
 
 class AllBlocks(nn.Module):
-    """Every fused block of every family side by side: one export checks them all (block level)."""
+    """Fused blocks of every family side by side: one export checks them all (block level)."""
 
     def __init__(self, blocks: dict[str, nn.Module]):
         super().__init__()
@@ -107,7 +107,7 @@ def test_every_fused_block_onnx_matches_torch(tmp_path):
     generator = torch.Generator().manual_seed(0)
     for name in tiny_model_names():
         model = optimized(name)
-        for block_name in model.moe_compile.fused:
+        for block_name in model.moe_compile.fused[:1]:  # one per family: the export's cost grows with the graph
             block = model.get_submodule(block_name)
             blocks[f"{name}:{block_name}"] = block
             x = torch.randn(2, 5, block.spec.hidden_size, generator=generator)
@@ -119,20 +119,21 @@ def test_every_fused_block_onnx_matches_torch(tmp_path):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     lowering = {b["name"]: b["onnx_lowering"] for b in manifest["blocks"]}
     assert len(lowering) == len(blocks)
-    assert sum(v == "com.microsoft::MoE" for v in lowering.values()) >= 10
+    assert sum(v == "com.microsoft::MoE" for v in lowering.values()) >= 8
     assert any(v.startswith("dense") for v in lowering.values())
 
+    assert manifest["onnx"]["dynamic"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-    got = session.run(None, feeds)
+    other = [torch.randn(3, 9, x.shape[-1], generator=generator) * x.std() for x in inputs]  # new token counts
+    got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), other)})
     with torch.no_grad():
-        expected = wrapper(*inputs)
+        expected = wrapper(*other)
     for label, g, e in zip(blocks, got, expected):
         assert np.abs(g - e.numpy()).max() <= ATOL * e.abs().max().item(), label  # relative: tiny blocks' outputs
 
-
     # the GPT-OSS blocks really ran with clamped pre-activations
-    gpt = [(b, x) for b, x in zip(blocks.values(), inputs) if b.spec.activation == "swiglu_oai"]
+    gpt = [(b, x) for b, x in zip(blocks.values(), other) if b.spec.activation == "swiglu_oai"]
+    assert gpt
     for block, x in gpt:
         pre = torch.einsum("th,eih->eti", x.reshape(-1, x.shape[-1]), block.w13) + block.b13[:, None]
         assert pre.abs().max() > block.spec.limit

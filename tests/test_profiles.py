@@ -90,9 +90,18 @@ def test_auto_resolves_per_device():
 
 
 def test_forcing_an_unavailable_feature_raises_with_the_remedy():
-    profile = load_profile("balanced").with_overrides({"fp8": True})
+    profile = load_profile("balanced").with_overrides({"specialize_phase": True})
     for device in (CPU, CUDA):
-        with pytest.raises(FeatureUnavailableError, match="--disable-fp8"):
+        with pytest.raises(FeatureUnavailableError, match="--disable-specialize-phase"):
             resolve_features(profile, device)
-    with pytest.raises(FeatureUnavailableError, match="fp8"):
-        mc.optimize(build_tiny_model("tiny-qwen3-moe"), "balanced", fp8=True)
+    with pytest.raises(FeatureUnavailableError, match="specialize_phase"):
+        mc.optimize(build_tiny_model("tiny-qwen3-moe"), "balanced", specialize_phase=True)
+
+
+def test_forcing_an_emulated_feature_runs_it_with_a_note():
+    """FP8 and 2:4 exist only emulated: `auto` leaves them off and says why, `true` applies them with a note."""
+    for device in (CPU, CUDA):
+        plan = resolve_features(load_profile("balanced").with_overrides({"fp8": True}), device)
+        assert plan.enabled["fp8"] and "emulated" in plan.notes["fp8"] and "no speedup" in plan.notes["fp8"]
+        auto = resolve_features(load_profile("aggressive"), device)
+        assert not auto.enabled["fp8"] and "no speedup" in auto.unavailable["fp8"]

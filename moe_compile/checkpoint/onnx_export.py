@@ -312,11 +312,11 @@ def _auto_dynamic_shapes(module: nn.Module, args: tuple) -> Any:
 
     auto = torch.export.Dim.AUTO
     shapes = pytree.tree_map(lambda a: {d: auto for d in range(a.dim())} if isinstance(a, Tensor) else None,
-                             list(args))
+                             tuple(args))
     params = list(pyinspect.signature(module.forward).parameters.values())
     if params and params[0].kind is pyinspect.Parameter.VAR_POSITIONAL:
         return (shapes,)
-    return tuple(shapes)
+    return shapes
 
 
 def _torch_onnx_export(module, args, input_names, output_names, opset, shapes):

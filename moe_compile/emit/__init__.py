@@ -42,6 +42,14 @@ def _apply(model: nn.Module, enabled: dict[str, bool], result: OptimizeResult, u
         if is_hf_generative(model):
             result.passes.append(enable_cuda_graph_decode(model))
             undo.append(lambda: disable_cuda_graph_decode(model))
+            if enabled.get("compile"):
+                # Measured on transformers 5.17: a compiled forward recompiles on the KV cache's state guards
+                # (`layers[i].is_initialized`) at every generate call and hits dynamo's recompile limit. So the
+                # prefill runs the eager forward, whose MoE layers are already the fused kernels.
+                enabled = {**enabled, "compile": False}
+                result.features["compile"] = False
+                result.unavailable["compile"] = ("with CUDA-graph decode the prefill runs eager with the fused "
+                                                 "kernels: a compiled forward recompiles on the KV cache state")
         else:
             result.features["cuda_graphs"] = False
             result.unavailable["cuda_graphs"] = ("CUDA-graph decode needs a transformers generative model "

@@ -193,3 +193,64 @@ def _backward(ctx, grad_out):
 
 
 fused_moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- `fused_moe_packed`: the same layer with packed expert weights (FP8 e4m3 + scales and/or 2:4 + metadata) ----
+# A separate op so that `fused_moe`'s signature stays as GPU kernels expect it. Only the emulated reference exists in
+# this version (dequantize / decompress, then matmul in the activation dtype): correct numerics, no speedup.
+
+_PACKED_BACKENDS: dict[str, BackendFn] = {"reference": reference.torch_fused_moe_packed}
+
+
+def register_packed_backend(name: str, fn: BackendFn) -> None:
+    """Make `fn` (same signature as `reference.torch_fused_moe_packed`) available as packed backend `name`."""
+    _PACKED_BACKENDS[name] = fn
+
+
+def available_packed_backends() -> list[str]:
+    return sorted(_PACKED_BACKENDS)
+
+
+@torch.library.custom_op("moe_compile::fused_moe_packed", mutates_args=())
+def fused_moe_packed(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    w13_scale: Optional[Tensor],
+    w2_scale: Optional[Tensor],
+    w13_meta: Optional[Tensor],
+    w2_meta: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    act_quant: str = "none",
+    backend: str = "auto",
+) -> Tensor:
+    """`fused_moe` with packed weights: w13 [E, 2I, H] / w2 [E, H, I] (last dim halved with 2:4 metadata), in
+    float8_e4m3fn with per-output-channel scales w13_scale [E, 2I] / w2_scale [E, H] fp32, or in a float dtype;
+    w13_meta [E, 2I, ceil(H/8)] / w2_meta [E, H, ceil(I/8)] uint8 2:4 metadata; act_quant "none" or
+    "fp8_per_token" (dynamic per-token e4m3 activations). -> [T, H] in x's dtype."""
+    args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale, w2_scale, w13_meta, w2_meta,
+            top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
+            act_quant)
+    name = backend if backend in _PACKED_BACKENDS else "reference"
+    if backend not in ("auto", name):
+        _warn_fallback(backend, f"no packed-weight {backend!r} backend in this version")
+    return _PACKED_BACKENDS[name](*args)
+
+
+@fused_moe_packed.register_fake
+def _fused_moe_packed_fake(x, *args, **kwargs):
+    return torch.empty_like(x)

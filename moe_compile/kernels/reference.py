@@ -174,3 +174,84 @@ def torch_experts(
         y = expert_forward(xin, w13[expert], w2[expert], b13_e, b2_e, activation, alpha, limit).to(out.dtype)  # [n, H]
         out.index_add_(0, tokens, y if weight_on_input else y * w)
     return out.to(x.dtype)
+
+
+# ---- packed weights (FP8 e4m3 per-channel and/or 2:4 compressed): the emulated path of `fused_moe_packed` ----
+
+
+def fp8_dequant_reference(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(q [..., N, K] float8_e4m3fn, scale [..., N] fp32) -> [..., N, K] in `dtype`."""
+    from moe_compile.quant.fp8 import dequantize_per_channel
+
+    return dequantize_per_channel(q, scale, dtype)
+
+
+def sparse24_decompress_reference(values: Tensor, meta: Tensor) -> Tensor:
+    """(values [..., K/2], meta [..., ceil(K/8)] uint8) -> dense [..., K] with zeros at pruned positions."""
+    from moe_compile.quant.sparse24 import decompress_24
+
+    return decompress_24(values, meta)
+
+
+def torch_fused_moe_packed(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    w13_scale: Optional[Tensor],
+    w2_scale: Optional[Tensor],
+    w13_meta: Optional[Tensor],
+    w2_meta: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    act_quant: str,
+) -> Tensor:
+    """`torch_fused_moe` with packed expert weights, emulated: unpack (dequantize, decompress) the weights to x's
+    dtype; with `act_quant="fp8_per_token"` quantize-dequantize each expert GEMM's input per token (e4m3, dynamic
+    scales). Routing stays in high precision (the router input is not quantized)."""
+    from moe_compile.quant.fp8 import fake_quant_per_token
+    from moe_compile.quant.packed import unpack_weight
+
+    if act_quant not in ("none", "fp8_per_token"):
+        raise ValueError(f"unknown act_quant {act_quant!r} (none, fp8_per_token)")
+    dense13 = unpack_weight(w13, w13_scale, w13_meta, x.dtype)  # [E, 2I, H]
+    dense2 = unpack_weight(w2, w2_scale, w2_meta, x.dtype)  # [E, H, I]
+    logits = router_logits(x, router_weight, router_bias)  # [T, E]
+    weights, ids = route(logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling)
+    qdq = fake_quant_per_token if act_quant == "fp8_per_token" else (lambda t: t)
+    out = torch.zeros(x.shape, dtype=acc_dtype(x.dtype), device=x.device)  # [T, H]
+    flat_ids = ids.reshape(-1)  # [T*K]
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=dense13.shape[0]).tolist()  # [E]
+    token_of_row = order // ids.shape[1]
+    flat_weights = weights.reshape(-1)[order]
+    intermediate = dense2.shape[2]
+    gated = dense13.shape[1] == 2 * intermediate
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        tokens = token_of_row[rows]  # [n]
+        w = flat_weights[rows].unsqueeze(1).to(out.dtype)  # [n, 1]
+        xin = x[tokens]  # [n, H]
+        if weight_on_input:
+            xin = (xin * w).to(x.dtype)
+        h = F.linear(qdq(xin), dense13[expert], None if b13 is None else b13[expert])  # [n, 2I]
+        a = apply_activation(h, intermediate, gated, activation, alpha, limit)  # [n, I]
+        y = F.linear(qdq(a), dense2[expert], None if b2 is None else b2[expert]).to(out.dtype)  # [n, H]
+        out.index_add_(0, tokens, y if weight_on_input else y * w)
+    return out.to(x.dtype)

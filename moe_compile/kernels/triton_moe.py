@@ -104,7 +104,7 @@ def triton_fused_moe(
     """Same contract as `reference.torch_fused_moe`: [T, H] -> [T, H] in x's dtype."""
     check_supported(x, w13, w2, activation)
     tokens, hidden = x.shape
-    num_experts, inter = w2.shape[0], w2.shape[2]
+    num_experts = w2.shape[0]
     if tokens == 0:
         return torch.zeros_like(x)
     logits = reference.router_logits(x, router_weight, router_bias)  # [T, E], cuBLAS: the reference's bits

@@ -57,10 +57,11 @@ def test_torch_compile_backend_runs_on_cuda():
     assert counters["moe_compile"]["annotate_moe"] >= TINY_MODELS["tiny-qwen3-moe"].moe_layers
 
 
-def test_balanced_profile_compiles_and_generates_on_cuda():
-    model = _cuda_bf16("tiny-qwen3-moe")
+def test_balanced_profile_generates_on_cuda_fp32():
+    """The balanced plumbing (static cache, CUDA-graph decode) in fp32, where no rounding can flip a token."""
+    model = build_tiny_model("tiny-qwen3-moe").cuda()
     prompt = PROMPT.cuda()
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
     mc.optimize(model, "balanced")
-    assert model.moe_compile.features["compile"]
+    assert model.moe_compile.features["cuda_graphs"]  # decode from CUDA graphs; prefill eager with fused kernels
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)

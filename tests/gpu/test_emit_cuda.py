@@ -16,8 +16,8 @@ pytestmark = pytest.mark.gpu
 STEPS = 32
 
 
-def _model(name="tiny-qwen3-moe"):
-    return build_tiny_model(name).to(device="cuda", dtype=torch.bfloat16)
+def _model(name="tiny-qwen3-moe", dtype=torch.bfloat16):
+    return build_tiny_model(name).to(device="cuda", dtype=dtype)
 
 
 def _inductor_counters():
@@ -40,7 +40,9 @@ def test_balanced_generate_same_tokens_from_cuda_graphs(name):
 
 
 def test_balanced_generate_left_padding_and_sampling():
-    model = _model()
+    """fp32: HF's reference here is a dynamic cache, ours a static one with padding masks over the whole cache;
+    in bf16 the two attention paths round differently and a near-tie can flip a token of a random tiny model."""
+    model = _model(dtype=torch.float32)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]], device="cuda")
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device="cuda")
     model.generation_config.pad_token_id = 0

@@ -2,7 +2,8 @@
 
 No host synchronisation, buffers sized for the worst case. Many rows: three launches: count rows per expert
 (atomics), round each count up to BLOCK_M and prefix-sum the rounded counts into each expert's first slot, then
-give every routed row a slot through one atomic cursor per expert. Few rows (decode): the same in one program. Pad slots hold the sentinel N so the GEMMs mask them; tiles past
+give every routed row a slot through one atomic cursor per expert. Few rows (decode): the same in one program.
+Pad slots hold the sentinel N so the GEMMs mask them; tiles past
 the last used slot get expert -1 and their programs exit at once. Order inside an expert is arbitrary (atomics):
 every row's result is independent of its slot.
 
@@ -119,7 +120,9 @@ def _scatter_kernel(ids_ptr, cursor_ptr, sorted_rows_ptr, N, CHUNK: tl.constexpr
     tl.store(sorted_rows_ptr + slot, offs, mask=ok)
 
 
-def align_by_expert(ids: Tensor, num_experts: int, block_m: int, allow_small: bool = True) -> tuple[Tensor, Tensor, int]:
+def align_by_expert(
+    ids: Tensor, num_experts: int, block_m: int, allow_small: bool = True
+) -> tuple[Tensor, Tensor, int]:
     """Routed expert ids [T, K] -> (sorted_rows [P] int32, tile_expert [B] int32, B).
 
     sorted_rows[s] is the routed row (t*K + k) in slot s, or N for a pad slot; slots [b*BM, (b+1)*BM) all belong

@@ -5,8 +5,8 @@ Three regimes, told apart by the average routed rows per expert (N / E, balanced
 - GEMV decode (<= GEMV_MAX_ROWS_PER_EXPERT rows per expert, off by default: see there): tiles of 1-8 rows, fp32
   FMA kernels that stream the weights without tensor cores (`experts.gate_up_gemv_kernel`).
 - tensor-core decode (<= 16 rows per expert): each weight byte is read once and the time is bytes / bandwidth.
-  BLOCK_M = 16 (the smallest tensor-core tile); column tiles and split-K are chosen so that at least ~4 programs per SM stream
-  weights at once, since with 1 token only K experts have work (Qwen3: 8 tiles).
+  BLOCK_M = 16 (the smallest tensor-core tile); column tiles and split-K are chosen so that at least ~4 programs
+  per SM stream weights at once, since with 1 token only K experts have work (Qwen3: 8 tiles).
 - prefill (> 48 rows per expert): tensor-core bound; BLOCK_M = 32 in between keeps padding low.
 
 Dimension legend: N = T*K routed rows, E = experts, H = hidden, I = intermediate.

@@ -40,7 +40,8 @@ def route_kernel(
     TOP_K: tl.constexpr, K_POW2: tl.constexpr, SOFTMAX: tl.constexpr, HAS_CORR: tl.constexpr,
     RENORM: tl.constexpr, GROUPED: tl.constexpr, N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
     G_POW2: tl.constexpr, GS_POW2: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP2: tl.constexpr,
-    ZERO_OUT: tl.constexpr, ZERO_BLOCK: tl.constexpr, FUSED_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+    ZERO_OUT: tl.constexpr, ZERO_BLOCK: tl.constexpr, FUSED_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACCURATE_EXP: tl.constexpr,
 ):
     """Token t = program 0..T-1: logits [T, E] -> weights [T, K] fp32, ids [T, K] int32 (by descending score).
 

@@ -1,0 +1,60 @@
+"""The perplexity table behind `moe-compile bench --quality`: the shipped quality model's held-out perplexity with
+its expert weights in bf16, FP8, 2:4 and FP8 + 2:4 (emulated numerics; see docs/quality.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+VARIANTS = ("bf16", "fp8", "2:4", "fp8+2:4")
+
+
+@dataclass
+class QualityRow:
+    variant: str
+    perplexity: float
+    increase: float  # relative to the bf16 row
+    bits_per_byte: float
+    expert_bytes: int  # storage of the fused blocks' expert weights (values + scales + metadata)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_bytes(model: nn.Module) -> int:
+    from moe_compile.fused_block import FusedMoEBlock
+
+    total = 0
+    for block in model.modules():
+        if isinstance(block, FusedMoEBlock):
+            tensors = [block.w13, block.w2] if block.packed is None else list(block.packed.buffers())
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -> list[QualityRow]:
+    """Load the shipped model, fuse it (`conservative`), then measure each variant (passes applied, then undone)."""
+    import moe_compile as mc
+    from moe_compile.passes.quantize_fp8 import quantize_fp8
+    from moe_compile.passes.sparsify_24 import sparsify_24
+    from moe_compile.quality import load_quality_model, perplexity
+
+    model = mc.optimize(load_quality_model(dtype), "conservative", verify=False)
+    steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8]}
+    rows: list[QualityRow] = []
+    base = None
+    for variant in VARIANTS:
+        applied = [run(model) for run in steps[variant]]
+        start = time.perf_counter()
+        ppl = perplexity(model, max_bytes=max_bytes)
+        seconds = time.perf_counter() - start
+        base = ppl if base is None else base
+        rows.append(QualityRow(variant, ppl, ppl / base - 1.0, math.log2(ppl), expert_bytes(model), seconds))
+        for result in reversed(applied):
+            result.undo()
+    return rows

@@ -1,0 +1,43 @@
+"""sparsify_24: magnitude 2:4 pruning of every fused MoE block's expert weights (module-level pass).
+
+In each group of 4 weights along the input dim (H for w13, I for w2) the 2 of largest magnitude are kept; the block
+then stores compressed values [.., K/2] + uint8 metadata (`moe_compile.quant.sparse24`) and runs
+`fused_moe_packed`. Router and shared expert are untouched. Must run before `quantize_fp8` (which then quantizes
+the kept values). Emulated in this version: decompress + dense matmul, so it saves weight memory, not time.
+Counts the blocks it rewrote (`counters["moe_compile"]["sparsify_24"]`); `result.undo()` puts the dense weights back.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe_compile.counters import counters
+from moe_compile.fused_block import FusedMoEBlock
+from moe_compile.quant.packed import ModulePassResult, PackedExperts, install
+from moe_compile.quant.sparse24 import compress_24
+
+NAME = "sparsify_24"
+
+
+def sparsify_24(model: nn.Module) -> ModulePassResult:
+    result = ModulePassResult(NAME)
+    for name, block in model.named_modules():
+        if not isinstance(block, FusedMoEBlock):
+            continue
+        packed = block.packed
+        if packed is not None and packed.sparse24:
+            result.skipped[name] = "already 2:4 sparse"
+            continue
+        if packed is not None:
+            raise ValueError(f"{name}: sparsify_24 must run before quantize_fp8 "
+                             f"(its weights are {packed.weight_format})")
+        bad = [k for k in (block.w13.shape[-1], block.w2.shape[-1]) if k % 4]
+        if bad:
+            result.skipped[name] = f"reduction dim {bad[0]} is not a multiple of 4"
+            continue
+        v13, m13 = compress_24(block.w13.detach())
+        v2, m2 = compress_24(block.w2.detach())
+        result.record(block)
+        install(block, PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2))
+    counters["moe_compile"][NAME] += result.count
+    return result
