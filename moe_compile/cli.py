@@ -2,7 +2,9 @@
 
     moe-compile inspect MODEL                       # every MoE block and what it computes
     moe-compile optimize MODEL --dry-run            # the plan: blocks, features, passes, memory; writes nothing
-    moe-compile optimize MODEL --output DIR         # optimize, then save a report of what was applied
+    moe-compile optimize MODEL --output DIR         # optimize, then write the optimized checkpoint (with a report)
+    moe-compile export MODEL OUT [--format onnx]    # the same: optimize, then export to OUT
+    moe-compile load DIR                            # restore a checkpoint written by export; print what it holds
     moe-compile bench --quality                     # perplexity: bf16 vs FP8 vs 2:4 vs FP8+2:4 (emulated)
     moe-compile list-models | profiles
 
@@ -14,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -30,14 +29,14 @@ from rich.markup import escape
 from rich.table import Table
 
 import moe_compile as mc
+from moe_compile.checkpoint import FORMATS, MANIFEST_NAME, export_for_cli
 from moe_compile.errors import MoECompileError
 from moe_compile.loading import DTYPES, MODEL_HELP, LoadedModel, load_model, parse_dtype
 from moe_compile.plan import Plan, build_plan, feature_rows, features_table, human_bytes, memory_lines
 from moe_compile.profiles import BACKENDS, FEATURES, builtin_profiles, load_profile
 
 REPORT_NAME = "moe_compile_report.json"
-EXPORT_NOTE = ("this version saves a report of what was applied (moe_compile_report.json), not the optimized "
-               "checkpoint: checkpoint export (moe_compile.export) is not in this version")
+EXPORT_DOC = "docs/export.md"
 
 
 def _device(text: str) -> torch.device:
@@ -73,7 +72,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage; tracebacks on errors")
 
 
-def _optimize_options(parser: argparse.ArgumentParser) -> None:
+def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = True) -> None:
     parser.add_argument("--profile", default="balanced",
                         help=f"built-in profile ({', '.join(builtin_profiles())}) or a path to a .yaml profile")
     parser.add_argument("--backend", choices=BACKENDS, help="fused_moe kernel backend (default: the profile's)")
@@ -81,8 +80,14 @@ def _optimize_options(parser: argparse.ArgumentParser) -> None:
                         help="target device: cpu, cuda, cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (blocks, features, passes, memory estimate) and write nothing")
-    parser.add_argument("--output", type=Path, metavar="DIR", help=f"save the result to DIR; {EXPORT_NOTE}")
-    parser.add_argument("--force", action="store_true", help="replace an existing --output DIR")
+    if output_option:
+        parser.add_argument("--output", type=Path, metavar="DIR",
+                            help=f"write the optimized checkpoint (and {REPORT_NAME}) to the new directory DIR; "
+                                 f"see {EXPORT_DOC}")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="checkpoint format: safetensors (restored by `moe-compile load` / mc.load) or onnx "
+                             "(model.onnx, input_ids -> logits, needs moe-compile[onnx]); default safetensors")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     group = parser.add_argument_group("features", "force a feature on or off (default: the profile's setting)")
     for name, (what, _, _) in FEATURES.items():
         group.add_argument(f"--enable-{_flag(name)}", f"--disable-{_flag(name)}", dest=f"feature_{name}",
@@ -91,17 +96,36 @@ def _optimize_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-compile", description="A compiler for Mixture-of-Experts models.",
-                                     epilog=f"Note: {EXPORT_NOTE}.")
+                                     epilog=f"Checkpoints: see {EXPORT_DOC}.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = commands.add_parser("inspect", help="list the MoE blocks of MODEL and what each computes")
     _model_options(inspect)
     inspect.add_argument("--no-prove", action="store_true", help="structural detection only (no probe forward)")
     inspect.set_defaults(func=cmd_inspect)
     optimize = commands.add_parser("optimize", help="fuse and compile MoE blocks (or --dry-run for the plan)",
-                                   description=f"Optimize MODEL in memory. With --output, {EXPORT_NOTE}.")
+                                   description="Optimize MODEL in memory. With --output DIR, write the optimized "
+                                   f"checkpoint (with {REPORT_NAME}) to DIR atomically; see {EXPORT_DOC}.")
     _model_options(optimize)
     _optimize_options(optimize)
-    optimize.set_defaults(func=cmd_optimize)
+    optimize.set_defaults(func=cmd_optimize, output_label="--output")
+    export = commands.add_parser("export", help="optimize MODEL, then write the optimized checkpoint to OUT",
+                                 description="The same as `optimize MODEL --output OUT`: optimize, then write the "
+                                 f"checkpoint (safetensors or onnx, with {REPORT_NAME}) atomically; see {EXPORT_DOC}.")
+    _model_options(export)
+    export.add_argument("output", type=Path, metavar="OUT", help="the new checkpoint directory")
+    _optimize_options(export, output_option=False)
+    export.set_defaults(func=cmd_optimize, output_label="OUT")
+    load = commands.add_parser("load", help="restore a checkpoint written by export and print what was applied",
+                               description="Restore DIR with moe_compile.load (manifest, SHA-256 of every file, "
+                               "strict weight keys) and print its fused blocks, features and passes.")
+    load.add_argument("directory", type=Path, metavar="DIR", help="a checkpoint directory written by export")
+    load.add_argument("--device", type=_device, default="cpu", help="device to load onto (default cpu)")
+    load.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                      help="cast after loading (auto: the saved dtypes)")
+    load.add_argument("--trust-remote-code", action="store_true",
+                      help="allow the config's own Python code (transformers trust_remote_code)")
+    load.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    load.set_defaults(func=cmd_load)
     bench = commands.add_parser("bench", help="benchmarks; --quality: perplexity of bf16 / FP8 / 2:4 / FP8+2:4",
                                 description="Perplexity of the shipped quality model (a byte-level Qwen3-MoE "
                                 "trained on the Python stdlib) on its held-out text, with expert weights in bf16, "
@@ -131,6 +155,9 @@ def _quiet_transformers() -> None:
 
 
 def _load(args: argparse.Namespace, console: Console, allow_meta: bool = False) -> LoadedModel:
+    if (Path(args.model) / MANIFEST_NAME).is_file():
+        raise MoECompileError(f"{args.model} is a moe_compile checkpoint (written by export), not a model to "
+                              f"{args.command}; restore it with `moe-compile load {args.model}`")
     with console.status(f"loading {args.model}", spinner="dots") if console.is_terminal else nullcontext():
         loaded = load_model(args.model, args.dtype, args.trust_remote_code, args.seed, allow_meta=allow_meta)
     for note in loaded.notes:
@@ -157,7 +184,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     profile = load_profile(args.profile).with_overrides(overrides)
     feature_rows(profile, args.device)  # a feature forced on that the device lacks fails here, before any loading
     if args.output is not None and not args.dry_run:
-        _check_output(args.output, args.force, Path(args.model))
+        _check_output(args.output, args.force, Path(args.model), args.output_label)
     if not args.dry_run and args.device.type == "cuda" and not torch.cuda.is_available():
         raise MoECompileError("--device cuda, but CUDA is not available here; use --device cpu, or --dry-run for a "
                               "plan against an H100")
@@ -167,7 +194,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         report = mc.inspect(loaded.model, prove_blocks=loaded.materialized)
         console.print(report.table())
         _print_plan(console, plan)
-        written = f" (--output {args.output} was not written)" if args.output else ""
+        written = f" ({args.output_label} {args.output} was not written)" if args.output else ""
         console.print(f"[bold]dry run:[/bold] nothing was changed or written{escape(written)}")
         return 0
     model = loaded.model.to(args.device)
@@ -178,10 +205,30 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     console.print(f"fused {len(result.fused)} of {len(result.fused) + len(result.skipped)} MoE blocks; max relative "
                   f"error vs the original {result.max_error:.1e}; passes: {', '.join(result.passes)}")
     if args.output is not None:
-        data = {"moe_compile_version": mc.__version__, "model": {"source": loaded.source, "kind": loaded.kind,
-                "notes": loaded.notes}, "result": result.to_dict(), "plan": plan.to_dict(), "note": EXPORT_NOTE}
-        write_report(args.output, data, args.force)
-        console.print(escape(f"wrote {args.output / REPORT_NAME} ({EXPORT_NOTE})"))
+        report = {"moe_compile_version": mc.__version__, "model": {"source": loaded.source, "kind": loaded.kind,
+                  "notes": loaded.notes}, "result": result.to_dict(), "plan": plan.to_dict()}
+        with console.status(f"exporting to {args.output}", spinner="dots") if console.is_terminal else nullcontext():
+            target = export_for_cli(model, args.output, format=args.format, force=args.force, report=report,
+                                    report_name=REPORT_NAME)
+        files = ", ".join(sorted(p.name for p in target.iterdir()))
+        then = f"restore it with `moe-compile load {target}` or mc.load" if args.format == "safetensors" else \
+            "run model.onnx with onnxruntime"
+        console.print(escape(f"wrote the optimized checkpoint ({args.format}) to {target}: {files}; {then}"))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace, console: Console) -> int:
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise MoECompileError("--device cuda, but CUDA is not available here; use --device cpu")
+    directory = args.directory
+    with console.status(f"loading {directory}", spinner="dots") if console.is_terminal else nullcontext():
+        model = mc.load(directory, device=args.device, dtype=parse_dtype(args.dtype),
+                        trust_remote_code=args.trust_remote_code)
+    result = model.moe_compile
+    console.print(result.table())
+    console.print(escape(f"loaded {type(model).__name__} from {directory} on {args.device}: {len(result.fused)} fused "
+                         f"MoE blocks; every file matched its SHA-256 in {MANIFEST_NAME}; passes: "
+                         f"{', '.join(result.passes)}"))
     return 0
 
 
@@ -192,38 +239,17 @@ def _print_plan(console: Console, plan: Plan) -> None:
     console.print("[bold]memory estimate:[/bold]\n  " + escape("\n  ".join(memory_lines(plan.memory))))
 
 
-def _check_output(output: Path, force: bool, model_path: Path) -> None:
+def _check_output(output: Path, force: bool, model_path: Path, label: str = "--output") -> None:
+    """Refuse, before loading anything, an output that overlaps the model or exists (without --force)."""
     target = output.resolve()
     if model_path.exists():
         source = model_path.resolve()
         if target == source or target in source.parents or (source.is_dir() and source in target.parents):
-            raise MoECompileError(f"--output {output} overlaps the model at {model_path}; choose another directory")
+            raise MoECompileError(f"{label} {output} overlaps the model at {model_path}; choose another directory")
     if output.exists() and not force:
-        raise MoECompileError(f"--output {output} already exists; pass --force to replace it or choose another")
+        raise MoECompileError(f"{label} {output} already exists; pass --force to replace it or choose another")
     if output.exists() and not output.is_dir():
-        raise MoECompileError(f"--output {output} exists and is not a directory; remove it or choose another")
-
-
-def write_report(output: Path, data: dict[str, Any], force: bool) -> None:
-    """Write DIR/moe_compile_report.json atomically: build a temp dir beside DIR, then rename it into place."""
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        (staging / REPORT_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-        if output.exists():
-            if not force:
-                raise MoECompileError(f"--output {output} already exists; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        raise MoECompileError(f"{label} {output} exists and is not a directory; remove it or choose another")
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:

@@ -46,11 +46,14 @@ def _cuda_graphs(device: torch.device) -> Optional[str]:
 
 
 def _tensorrt(device: torch.device) -> Optional[str]:
-    try:
-        import torch_tensorrt  # noqa: F401
-    except ImportError:
-        return "torch-tensorrt is not installed (pip install 'moe-compile[tensorrt]')"
-    return "the torch-tensorrt backend is not in this version of moe_compile"
+    """torch-tensorrt needs example inputs to compile, which `optimize` does not have: it is an explicit call."""
+    from moe_compile.emit.tensorrt import unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason:
+        return reason
+    return ("torch-tensorrt emission is an explicit step after optimize: "
+            "moe_compile.emit.tensorrt.compile_tensorrt(model, example_inputs)")
 
 
 # feature -> (what it does, why it is unavailable on a device or None, whether `auto` turns it on there)

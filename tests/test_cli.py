@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import moe_compile as mc
 from moe_compile import cli, loading
+from moe_compile.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, atomic
 from moe_compile.cli import REPORT_NAME, main
 from moe_compile.models import build_tiny_model
 
@@ -156,33 +159,125 @@ def test_feature_flags_override_the_profile(tmp_path, capsys):
     assert "passes: emit:torch.compile" in out  # no fusion stages, compiled emit
 
 
-def test_output_is_written_atomically_and_never_overwritten_without_force(tmp_path, capsys):
+@pytest.fixture
+def exported_models(monkeypatch) -> list[torch.nn.Module]:
+    """Every model the CLI hands to export_for_cli, in order (the optimized model a checkpoint must reproduce)."""
+    models = []
+    real = cli.export_for_cli
+
+    def spy(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "export_for_cli", spy)
+    return models
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_optimize_output_writes_a_checkpoint_that_load_restores(tmp_path, capsys, exported_models):
     output = tmp_path / "run"
     assert main(["optimize", "tiny-qwen3-moe", "--output", str(output)]) == 0
-    assert "not the optimized checkpoint" in capsys.readouterr().out
+    assert "wrote the optimized checkpoint (safetensors)" in capsys.readouterr().out
+    assert {p.name for p in output.iterdir()} == {"config.json", "generation_config.json", WEIGHTS_NAME,
+                                                   MANIFEST_NAME, REPORT_NAME}
     report = json.loads((output / REPORT_NAME).read_text())
     assert report["result"]["fused"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert report["plan"]["passes"][:2] == ["detect", "prove"] and "weights_bytes" in report["plan"]["memory"]
+    assert REPORT_NAME in json.loads((output / MANIFEST_NAME).read_text())["files"]  # hashed with the weights
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging directory left behind
 
-    first = (output / REPORT_NAME).read_bytes()
+    loaded = mc.load(output)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(exported_models[0], ids), rtol=1e-5, atol=1e-5)
+    assert loaded.moe_compile.fused == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_output_is_never_overwritten_without_force(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(["optimize", "tiny-qwen3-moe", "--output", str(output)]) == 0
+    capsys.readouterr()
+    before = tree_hashes(output)
     assert main(["optimize", "tiny-qwen3-moe", "--profile", "conservative", "--output", str(output)]) == 1
     assert "--force" in error_line(capsys)
-    assert (output / REPORT_NAME).read_bytes() == first
+    assert main(["export", "tiny-qwen3-moe", str(output)]) == 1
+    assert "OUT" in error_line(capsys)
+    assert tree_hashes(output) == before
 
     assert main(["optimize", "tiny-qwen3-moe", "--profile", "conservative", "--output", str(output), "--force"]) == 0
     assert json.loads((output / REPORT_NAME).read_text())["result"]["profile"] == "conservative"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
-def test_a_failed_write_leaves_no_output_directory(tmp_path, monkeypatch):
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
+def test_a_failed_write_leaves_no_output_directory(tmp_path, capsys, monkeypatch):
+    def fail(path):
+        if path.name == WEIGHTS_NAME:
+            raise OSError("disk full")
 
-    monkeypatch.setattr(cli.json, "dumps", fail)
-    with pytest.raises(OSError):
-        cli.write_report(tmp_path / "run", {"x": 1}, force=False)
+    monkeypatch.setattr(atomic, "after_file_written", fail)
+    assert main(["optimize", "tiny-qwen3-moe", "--output", str(tmp_path / "run")]) == 1
+    assert "disk full" in error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_then_load_command(tmp_path, capsys, exported_models):
+    output = tmp_path / "ckpt"
+    assert main(["export", "tiny-qwen3-moe", str(output), "--profile", "conservative", "--device", "cpu",
+                 "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((output / MANIFEST_NAME).read_text())
+    assert manifest["kind"] == "safetensors" and manifest["optimize"]["profile"] == "conservative"
+    assert json.loads((output / REPORT_NAME).read_text())["result"]["profile"] == "conservative"
+
+    assert main(["load", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("│ fused  │") == 2 and "profile 'conservative'" in out
+    assert "loaded Qwen3MoeForCausalLM" in out and f"load:{output}" in out
+
+    assert main(["inspect", str(output)]) == 1  # a checkpoint is not a MODEL: the error names the command
+    assert "moe-compile load" in error_line(capsys)
+
+
+def test_onnx_format_writes_a_model_onnx(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    output = tmp_path / "onnx"
+    assert main(["optimize", "tiny-qwen3-moe", "--profile", "conservative", "--output", str(output),
+                 "--format", "onnx"]) == 0
+    assert "wrote the optimized checkpoint (onnx)" in capsys.readouterr().out
+    assert (output / "model.onnx").stat().st_size > 0 and (output / REPORT_NAME).is_file()
+    assert json.loads((output / MANIFEST_NAME).read_text())["kind"] == "onnx"
+    assert main(["load", str(output)]) == 1
+    assert "onnxruntime" in error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    assert main(["export", "tiny-qwen3-moe", str(output), "--profile", "conservative"]) == 0
+    return output
+
+
+def test_load_of_a_tampered_checkpoint_is_one_line(cli_checkpoint, tmp_path, capsys):
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for path in cli_checkpoint.iterdir():
+        (tampered / path.name).write_bytes(path.read_bytes())
+    data = bytearray((tampered / WEIGHTS_NAME).read_bytes())
+    data[-5] ^= 0x40
+    (tampered / WEIGHTS_NAME).write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["load", str(tampered)]) == 1
+    assert WEIGHTS_NAME in error_line(capsys)
+
+    (tampered / MANIFEST_NAME).unlink()
+    assert main(["load", str(tampered)]) == 1
+    assert MANIFEST_NAME in error_line(capsys)
+    assert main(["load", str(tmp_path / "missing")]) == 1
+    error_line(capsys)
 
 
 def test_output_inside_the_model_directory_is_refused(saved_model, capsys):

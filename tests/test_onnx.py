@@ -28,10 +28,13 @@ pytest.importorskip("onnxscript")
 
 ATOL = 1e-4
 # Full-model export on by default: ORT MoE nodes with biases and clamped SwiGLU (gpt-oss), the dense decomposition
-# with a shared expert (deepseek-v3: sigmoid, groups, correction bias, scaling), a non-HF module (user-gpt-fast).
-DEFAULT_FULL = ("tiny-gpt-oss", "tiny-deepseek-v3", "tiny-user-gpt-fast")
+# with a shared expert (deepseek-v3: sigmoid, groups, correction bias, scaling), a non-HF module (user-gpt-fast),
+# an export adapter (llama4: complex-valued RoPE exported as its real-valued equivalent).
+DEFAULT_FULL = ("tiny-gpt-oss", "tiny-deepseek-v3", "tiny-user-gpt-fast", "tiny-llama4")
 # Families whose whole-model ONNX export is not possible with torch 2.13 / transformers 5.24 (their blocks are).
-FULL_MODEL_LIMITS = {"tiny-llama4": "complex-valued RoPE has no ONNX lowering"}
+FULL_MODEL_LIMITS: dict[str, str] = {}
+# Families exported through an adapter of moe_compile/checkpoint/onnx_adapters.py.
+ADAPTED = {"tiny-llama4": ["llama4_real_rotary"]}
 # Families whose routing ORT's MoE op cannot express: their blocks export as a dense decomposition.
 DENSE_FAMILIES = {"tiny-deepseek-v3", "tiny-glm4-moe", "tiny-llama4"}
 ALL = os.environ.get("MOE_COMPILE_ONNX_ALL") == "1"
@@ -63,6 +66,7 @@ def test_full_model_onnx_matches_torch(name, tmp_path):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["kind"] == "onnx" and manifest["onnx"]["inputs"] == ["input_ids"]
     assert manifest["onnx"]["ort_cpu_max_abs_error"] <= ATOL
+    assert manifest["onnx"]["adapters"] == ADAPTED.get(name, [])
     path = out / "model.onnx"
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path)).graph
@@ -80,7 +84,7 @@ def test_full_model_onnx_matches_torch(name, tmp_path):
     (got,) = run_ort(path, {"input_ids": ids.numpy()})
     with torch.no_grad():
         out_t = model(ids)
-    expected = getattr(out_t, "logits", out_t).numpy()
+    expected = getattr(out_t, "logits", out_t).numpy()  # the model as it is (adapters removed after the export)
     assert np.abs(got - expected).max() <= ATOL
     with pytest.raises(CheckpointError, match="onnxruntime"):  # an ONNX export is not a torch checkpoint
         mc.load(out, model=model)
@@ -166,3 +170,40 @@ def test_dense_decomposition_is_exact_for_every_routing_variant():
 def test_onnx_export_needs_example_inputs(tmp_path):
     with pytest.raises(CheckpointError, match="example_input_ids"):
         mc.export(optimized("tiny-qwen3-moe"), tmp_path / "x", format="onnx")
+
+
+def test_llama4_real_rotary_is_exact_and_temporary():
+    """Llama 4 export adapter: the real-valued RoPE equals the complex one (fp32); undone on exit, also on error."""
+    from transformers.models.llama4 import modeling_llama4
+
+    from moe_compile.checkpoint.onnx_adapters import onnx_adapters
+
+    model = optimized("tiny-llama4").eval()
+    (rotary,) = [m for m in model.modules() if isinstance(m, modeling_llama4.Llama4TextRotaryEmbedding)]
+    original_apply = modeling_llama4.apply_rotary_emb
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(9).expand(2, 9)
+    g = torch.Generator().manual_seed(4)
+    head_dim = rotary.inv_freq.numel() * 2
+    xq, xk = torch.randn(2, 9, 4, head_dim, generator=g), torch.randn(2, 9, 2, head_dim, generator=g)
+    with torch.no_grad():
+        freqs_cis = rotary(ids, positions)
+        assert freqs_cis.is_complex()
+        want_q, want_k = original_apply(xq, xk, freqs_cis)
+        expected = model(ids).logits
+        with onnx_adapters(model) as applied:
+            assert applied == ["llama4_real_rotary"]
+            real = rotary(ids, positions)
+            assert not real.is_complex() and real.shape == (*freqs_cis.shape, 2)
+            torch.testing.assert_close(real, torch.view_as_real(freqs_cis), atol=1e-6, rtol=0)
+            got_q, got_k = modeling_llama4.apply_rotary_emb(xq, xk, real)
+            torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
+            patched = model(ids).logits
+        torch.testing.assert_close(patched, expected, atol=1e-6, rtol=0)
+        assert modeling_llama4.apply_rotary_emb is original_apply and "forward" not in vars(rotary)
+        with pytest.raises(RuntimeError, match="boom"), onnx_adapters(model):
+            raise RuntimeError("boom")
+        assert modeling_llama4.apply_rotary_emb is original_apply and "forward" not in vars(rotary)
+        assert rotary(ids, positions).is_complex()
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)

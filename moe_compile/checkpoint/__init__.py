@@ -63,6 +63,7 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_unexportable(model)
     if format == "onnx":
         from moe_compile.checkpoint.onnx_export import export_onnx
 
@@ -88,6 +89,25 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
         atomic.file_written(write_manifest(tmp, manifest))
     log.info("moe_compile: exported %s to %s", type(model).__name__, target)
     return target
+
+
+def refuse_unexportable(model: nn.Module) -> None:
+    """Raise `CheckpointError` naming the first block this version cannot export, before anything is written:
+    FP8 / 2:4 packed experts (`FusedMoEBlock.packed` set, dense `w13` dropped) and expert-parallel shards."""
+    from moe_compile.fused_block import FusedMoEBlock
+    from moe_compile.parallel.expert_parallel import ExpertParallelMoEBlock
+
+    for name, module in model.named_modules():
+        label = name or "the model"
+        if isinstance(module, ExpertParallelMoEBlock):
+            raise CheckpointError(f"cannot export {label} ({type(module).__name__}): expert-parallel shards hold "
+                                  f"only this rank's experts and are not exportable in this version; export the "
+                                  f"model before moe_compile.parallel shards it")
+        if isinstance(module, FusedMoEBlock) and (module.packed is not None or module.w13 is None):
+            fmt = getattr(module.packed, "weight_format", None)
+            raise CheckpointError(f"cannot export {label} (FusedMoEBlock{f', weights={fmt}' if fmt else ''}): "
+                                  f"FP8/2:4 packed experts are not exportable in this version; export with fp8 and "
+                                  f"sparsity_24 off (e.g. --disable-fp8 --disable-sparsity-24)")
 
 
 def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:

@@ -7,7 +7,9 @@ translation (an onnxscript function) computes router logits with plain MatMul/Ad
 CPU kernel runs; constant-folded by the exporter) and emits `MoE(k, normalize_routing_weights, activation_type=
 "swiglu", ...)`. Blocks whose routing ORT's op cannot express (sigmoid scoring, correction bias, group-limited top-k,
 routed scaling, weights on the input, non-SiLU/GPT-OSS activations) run `dense_moe` during the export instead, which
-the exporter lowers to standard ops. Shared experts and their gates stay plain ops outside the MoE node.
+the exporter lowers to standard ops. Shared experts and their gates stay plain ops outside the MoE node. Family
+computations the exporter cannot lower (Llama 4's complex-valued RoPE) run an exact real-valued stand-in during the
+export (`onnx_adapters.py`; the manifest's `onnx.adapters` names those applied).
 
 ORT's `MoE` (com.microsoft, version 1): routing = softmax over E of `router_probs` (our logits) -> top-k ->
 optional renormalisation; SwiGLU = `gate * sigmoid(alpha * gate) * (linear + beta)` with gate clamped to
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from moe_compile.checkpoint import atomic
 from moe_compile.checkpoint.manifest import record_file, write_manifest
+from moe_compile.checkpoint.onnx_adapters import onnx_adapters
 from moe_compile.errors import CheckpointError, MissingDependencyError
 from moe_compile.kernels import reference
 from moe_compile.spec import MoESpec
@@ -262,7 +265,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, force: bool = False,
     module.eval()
     dynamic_failure = None
     try:
-        with onnx_lowering(model) as lowering, torch.no_grad():
+        with onnx_lowering(model) as lowering, onnx_adapters(model) as adapters, torch.no_grad():
             try:
                 program = _torch_onnx_export(module, args, input_names, output_names, opset, shapes)
             except Exception as exc:
@@ -299,7 +302,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, force: bool = False,
             "opsets": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
             "ort_moe_nodes": nodes.count(ORT_MOE), "num_nodes": len(nodes),
             "dynamic": dynamic and dynamic_failure is None, "dynamic_failure": dynamic_failure,
-            "causal_lm_logits": example_input_ids is not None, "use_cache": False,
+            "causal_lm_logits": example_input_ids is not None, "use_cache": False, "adapters": adapters,
             "ort_cpu_max_abs_error": error})
         atomic.file_written(write_manifest(tmp, manifest))
     return target

@@ -38,11 +38,12 @@ from moe_compile.parallel.placement import Placement
 
 log = logging.getLogger("moe_compile")
 
-# Global tokens per rank from which `overlap="auto"` splits into two micro-batches. Below it (decode) the experts of
-# one micro-batch take less time than an all-to-all launch, so splitting only adds a second round of latency; from a
-# few hundred tokens per rank the expert GEMMs are long enough to hide a dispatch behind them. A starting point to
-# tune on the GPUs (benchmarks/bench_ep.py measures both sides); not a measured optimum.
-OVERLAP_MIN_TOKENS = 256
+# Global tokens per rank from which `overlap="auto"` splits into two micro-batches. Measured on 2 and 4 H100s
+# (benchmarks/results/ep_*ranks*.csv, 2026-11-26): with the local experts on the reference loop, overlap was slower
+# than no overlap at every size tried (1, 64 and 2048 tokens per rank; e.g. DeepSeek-V3 layer, 4 ranks, 2048 tokens:
+# 8.9 ms off vs 13.2 ms on), so `auto` stays off through that range. Revisit once the local experts run the triton
+# grouped GEMM, where the expert time per micro-batch is what hides the dispatch.
+OVERLAP_MIN_TOKENS = 1 << 16
 
 
 @dataclass

@@ -4,7 +4,7 @@ A byte-level Qwen3-MoE LM (see `model.CONFIG`) trained on the Python standard li
 op: the model is optimized with the `conservative` profile first, so every MoE layer runs
 `torch.ops.moe_compile.fused_moe` forward and backward. Deterministic (fixed seed, fixed file list, fixed batch
 order); ~5 minutes on a 2-core CPU. Writes `model.safetensors` (fp16), `config.json` (model config, training
-settings, measured held-out perplexity), `heldout_files.txt` and `heldout_sample.txt.gz` to `data/`.
+settings, measured held-out perplexity) and `heldout_files.txt` to `data/`.
 
 The CI never runs this: it loads the shipped files.
 """
@@ -12,7 +12,6 @@ The CI never runs this: it loads the shipped files.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -107,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             "heldout_perplexity_fp32_16k": round(ppl, 4)}
     (args.out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (args.out / "heldout_files.txt").write_text("\n".join(heldout_files) + "\n")
-    (args.out / "heldout_sample.txt.gz").write_bytes(gzip.compress(heldout[: corpus.SAMPLE_BYTES], mtime=0))
     print(f"wrote {args.out}", flush=True)
     return 0
 

@@ -46,7 +46,8 @@ CASES = [
     (513, 256, 8, 128, 64, dict(scoring="sigmoid", n_group=8, topk_group=4, correction_bias=True,
                                 routed_scaling=2.5)),  # DeepSeek-V3 grouped top-k; T one past a power of two
     (64, 32, 4, 192, 160, dict(activation="swiglu_oai", expert_bias=True, router_bias=True)),  # GPT-OSS epilogue
-    (64, 16, 1, 128, 64, dict(scoring="sigmoid", weight_on_input=True, renormalize=False)),  # Llama4: K=1, weight on input
+    # Llama4: K=1, weight on input
+    (64, 16, 1, 128, 64, dict(scoring="sigmoid", weight_on_input=True, renormalize=False)),
     (33, 8, 2, 128, 64, dict(activation="relu", gated=False)),  # ungated experts [E, I, H]
     (17, 8, 2, 64, 48, dict(activation="gelu_tanh", renormalize=False)),  # gelu_tanh, unnormalised softmax weights
     (2048, 8, 2, 512, 256, {}),  # prefill regime: 512 rows per expert, BLOCK_M = 128
@@ -68,7 +69,8 @@ def make_inputs(T, E, K, H, I, dtype, **overrides):
         router_bias=rand(E) if o["router_bias"] else None,
         correction_bias=(torch.rand(E, generator=g) * 0.5).to(DEVICE) if o["correction_bias"] else None,
         w13=rand(E, w13_rows, H, scale=H**-0.5), w2=rand(E, H, I, scale=I**-0.5),
-        b13=rand(E, w13_rows, scale=0.5) if o["expert_bias"] else None, b2=rand(E, H, scale=0.5) if o["expert_bias"] else None,
+        b13=rand(E, w13_rows, scale=0.5) if o["expert_bias"] else None,
+        b2=rand(E, H, scale=0.5) if o["expert_bias"] else None,
     )
     scalars = dict(top_k=K, scoring=o["scoring"], renormalize=o["renormalize"], n_group=o["n_group"],
                    topk_group=o["topk_group"], routed_scaling=o["routed_scaling"],
@@ -78,7 +80,8 @@ def make_inputs(T, E, K, H, I, dtype, **overrides):
 
 def fp32_reference(tensors, scalars):
     """The reference in fp32 on the same weights; the router stays in the model dtype so routing is identical."""
-    up = {k: (v.float() if v is not None and k not in ("router_weight", "router_bias") else v) for k, v in tensors.items()}
+    keep = ("router_weight", "router_bias")
+    up = {k: (v.float() if v is not None and k not in keep else v) for k, v in tensors.items()}
     return reference.torch_fused_moe(**up, **scalars)
 
 
@@ -93,7 +96,8 @@ def check(out, ref, dtype):
     assert err < TOLERANCES[dtype], f"relative error {err:.2e} >= {TOLERANCES[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("case", SMALL if INTERPRET else CASES, ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-H{c[3]}-I{c[4]}")
+@pytest.mark.parametrize("case", SMALL if INTERPRET else CASES,
+                         ids=lambda c: f"T{c[0]}-E{c[1]}-K{c[2]}-H{c[3]}-I{c[4]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16] if not INTERPRET else [torch.float16])
 def test_matches_reference(case, dtype):
     T, E, K, H, I, overrides = case
@@ -118,7 +122,8 @@ def test_all_tokens_on_one_expert(T):
     weights = torch.rand(T, 1, device=DEVICE)
     x, w13, w2 = tensors["x"], tensors["w13"], tensors["w2"]
     out = triton_experts(x, weights, ids, w13, w2, None, None, False, "silu", 1.702, 7.0)
-    ref = reference.torch_experts(x.float(), weights, ids, w13.float(), w2.float(), None, None, False, "silu", 1.702, 7.0)
+    ref = reference.torch_experts(x.float(), weights, ids, w13.float(), w2.float(), None, None, False, "silu",
+                                  1.702, 7.0)
     check(out, ref, dtype)
 
 
