@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_compile.detect.candidate import Candidate, CanonicalWeights, ExpertLayout, get_path
 from moe_compile.kernels import reference
+from moe_compile.router_recording import attach_router_module, router_outputs_requested
 from moe_compile.spec import MoESpec
 
 
@@ -30,7 +31,7 @@ class FusedMoEBlock(nn.Module):
     def __init__(self, spec: MoESpec, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor],
                  correction_bias: Optional[torch.Tensor], weights: CanonicalWeights,
                  shared_expert: Optional[nn.Module] = None, shared_gate: Optional[nn.Module] = None,
-                 source_class: str = "", backend: str = "auto"):
+                 source_class: str = "", backend: str = "auto", router_module: Optional[nn.Module] = None):
         super().__init__()
         self.spec = spec
         self.source_class = source_class
@@ -47,6 +48,11 @@ class FusedMoEBlock(nn.Module):
         self.shared_expert_gate = shared_gate
         # packed expert weights (FP8 / 2:4, set by the quantize_fp8 / sparsify_24 passes); w13 and w2 are then None
         self.packed = None
+        # the original router (a child sharing router_weight), run only while transformers records router logits
+        if router_module is not None:
+            attach_router_module(self, router_module)
+        else:
+            self.router_module = None
 
     @classmethod
     def from_block(cls, candidate: Candidate, block: nn.Module, spec: MoESpec, layout: ExpertLayout,
@@ -57,8 +63,9 @@ class FusedMoEBlock(nn.Module):
         correction = get_path(block, candidate.router.correction_bias_path) if spec.correction_bias else None
         shared = get_path(block, candidate.shared_expert_path) if spec.shared_expert != "none" else None
         gate = get_path(block, candidate.shared_gate_path) if spec.shared_expert == "gated" else None
+        router_module = get_path(block, candidate.router.path.split(".")[0])
         return cls(spec, getattr(router, candidate.router.weight_name), router_bias, correction,
-                   layout.extract(block), shared, gate, type(block).__name__, backend)
+                   layout.extract(block), shared, gate, type(block).__name__, backend, router_module)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -68,6 +75,8 @@ class FusedMoEBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, self.spec.hidden_size)  # [T, H]
+        if self.router_module is not None and router_outputs_requested():
+            self.router_module(x.clone())  # fires transformers' recording hooks; a clone: some routers jitter in place
         if self.packed is not None:  # FP8 / 2:4 expert weights: torch.ops.moe_compile.fused_moe_packed
             out = self.packed(x, self.router_weight, self.router_bias, self.correction_bias, self.b13, self.b2,
                               self.backend, **self.spec.op_kwargs())  # [T, H]

@@ -318,3 +318,24 @@ def test_compile_feature_on_cpu_emits_torch_compile():
     assert model.moe_compile.features["compile"] is True
     assert model.moe_compile.passes[-1] == "emit:torch.compile(backend=moe_compile, dynamic=True)"
     assert model._compiled_call_impl is not None
+
+
+# ---- training scripts that use the router aux loss ----
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-gpt-oss", "tiny-mixtral"])
+def test_router_logits_and_aux_loss_survive_fusion(name):
+    """`output_router_logits=True` (the load-balancing aux loss of MoE fine-tuning) records the same router logits
+    after fusion, the aux loss trains the shared router weight, and the state_dict keys gain no router copy."""
+    model = build_tiny_model(name)
+    ids = _ids()
+    expected = model(ids, labels=ids, output_router_logits=True)
+    mc.optimize(model, "conservative")
+    assert not any("router_module" in key for key in model.state_dict())
+    actual = model(ids, labels=ids, output_router_logits=True)
+    assert len(actual.router_logits) == len(expected.router_logits) > 0
+    for got, want in zip(actual.router_logits, expected.router_logits):
+        assert relative_error(got, want) <= TOLERANCES[torch.float32]
+    assert relative_error(actual.aux_loss, expected.aux_loss) <= TOLERANCES[torch.float32]
+    actual.aux_loss.backward()
+    fused = next(m for m in model.modules() if isinstance(m, FusedMoEBlock))
+    assert fused.router_weight.grad is not None and fused.router_weight.grad.abs().sum() > 0
