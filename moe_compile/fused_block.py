@@ -85,34 +85,44 @@ class FusedMoEBlock(nn.Module):
                 x, self.router_weight, self.router_bias, self.correction_bias, self.w13, self.w2, self.b13, self.b2,
                 backend=self.backend, **self.spec.op_kwargs(),
             )  # [T, H]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)  # [T, H]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        if not self.spec.flat_output:
-            out = out.reshape(hidden_states.shape)
-        if self.spec.returns_tuple:
-            return out, self._aux_output(x)
-        return out
+        return finish_output(self, hidden_states, x, out)
 
-    def _aux_output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The second output of the original block, recomputed in plain torch (dead code when nobody reads it)."""
-        kind = self.spec.aux_output
-        if kind == "none":
-            return None
-        logits = reference.router_logits(x, self.router_weight, self.router_bias)  # [T, E]
-        if kind == "router_logits":
-            return logits
-        if kind == "router_probs":
-            return logits.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        s = self.spec
-        weights, ids = reference.route(logits, self.correction_bias, s.top_k, s.scoring, s.renormalize, s.n_group,
-                                       s.topk_group, s.routed_scaling)  # [T, K]
-        weights = weights.to(logits.dtype)
-        if kind == "topk_weights":
-            return weights
-        return torch.zeros_like(logits).scatter_(1, ids, weights)  # dense_scores [T, E]
+
+def finish_output(block: nn.Module, hidden_states: torch.Tensor, x: torch.Tensor, routed: torch.Tensor):
+    """The original block's output from the routed experts' [T, H]: plus the shared expert (sigmoid-gated or not),
+    in the input's shape or flat, and with the auxiliary second output when the block returned a tuple. Shared by
+    every module that stands in for a block (fused, expert-parallel, the ONNX lowering)."""
+    out = routed
+    if block.shared_expert is not None:
+        shared = block.shared_expert(x)  # [T, H]
+        if block.shared_expert_gate is not None:
+            shared = torch.sigmoid(block.shared_expert_gate(x)) * shared
+        out = out + shared
+    if not block.spec.flat_output:
+        out = out.reshape(hidden_states.shape)
+    if block.spec.returns_tuple:
+        return out, aux_output(block, x)
+    return out
+
+
+def aux_output(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The second output of the original block, recomputed in plain torch (dead code when nobody reads it);
+    reads the block's spec, router weight and bias, and correction bias."""
+    kind = block.spec.aux_output
+    if kind == "none":
+        return None
+    logits = reference.router_logits(x, block.router_weight, block.router_bias)  # [T, E]
+    if kind == "router_logits":
+        return logits
+    if kind == "router_probs":
+        return logits.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+    s = block.spec
+    weights, ids = reference.route(logits, block.correction_bias, s.top_k, s.scoring, s.renormalize, s.n_group,
+                                   s.topk_group, s.routed_scaling)  # [T, K]
+    weights = weights.to(logits.dtype)
+    if kind == "topk_weights":
+        return weights
+    return torch.zeros_like(logits).scatter_(1, ids, weights)  # dense_scores [T, E]
 
 
 def block_output_tensor(output) -> torch.Tensor:

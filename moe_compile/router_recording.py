@@ -9,18 +9,27 @@ record exactly what they recorded before, and the aux loss trains the same route
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 ROUTER_CHILD = "router_module"
 
 
-def router_outputs_requested() -> bool:
-    """True while a transformers forward collects router logits (reads transformers' own collector, if any)."""
+@functools.cache
+def _collector():
+    """transformers' output collector (looked up once: this runs in every fused block's forward), or None."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # transformers 4.5x (blocks return logits themselves) or no transformers
-        return False
-    collected = _active_collector.get()
+        return None
+    return _active_collector
+
+
+def router_outputs_requested() -> bool:
+    """True while a transformers forward collects router logits (reads transformers' own collector, if any)."""
+    collector = _collector()
+    collected = None if collector is None else collector.get()
     return bool(collected) and "router_logits" in collected
 
 

@@ -9,6 +9,7 @@ import moe_compile as mc
 from moe_compile.errors import FeatureUnavailableError, ProfileError
 from moe_compile.models import build_tiny_model
 from moe_compile.profiles import FEATURES, builtin_profiles, load_profile, resolve_features
+from moe_compile.kernels import available_backends
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU to be resolved against
 
@@ -82,6 +83,10 @@ def test_auto_resolves_per_device():
     assert on_gpu.enabled["compile"]
     assert "not in this version" in on_gpu.unavailable["specialize_phase"]
     assert set(on_gpu.unavailable) <= {"cuda_graphs", "specialize_phase"}  # cuda_graphs needs triton on the machine
+    if "triton" in available_backends():
+        assert on_gpu.enabled["cuda_graphs"]
+    else:
+        assert "triton" in on_gpu.unavailable["cuda_graphs"]
     assert all(reason and not on_gpu.enabled[name] for name, reason in on_gpu.unavailable.items())
 
     aggressive = resolve_features(load_profile("aggressive"), CUDA)

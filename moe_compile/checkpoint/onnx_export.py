@@ -33,6 +33,7 @@ from moe_compile.checkpoint import atomic
 from moe_compile.checkpoint.manifest import record_file, write_manifest
 from moe_compile.checkpoint.onnx_adapters import onnx_adapters
 from moe_compile.errors import CheckpointError, MissingDependencyError
+from moe_compile.fused_block import finish_output
 from moe_compile.kernels import reference
 from moe_compile.spec import MoESpec
 
@@ -179,16 +180,7 @@ def _dense_forward(self, hidden_states: Tensor, *args, **kwargs):
     x = hidden_states.reshape(-1, spec.hidden_size)  # [T, H]
     out = dense_moe(x, self.router_weight, self.router_bias, self.correction_bias, self.w13, self.w2, self.b13,
                     self.b2, spec)
-    if self.shared_expert is not None:
-        shared = self.shared_expert(x)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-        out = out + shared
-    if not spec.flat_output:
-        out = out.reshape(hidden_states.shape)
-    if spec.returns_tuple:
-        return out, self._aux_output(x)
-    return out
+    return finish_output(self, hidden_states, x, out)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ def select_backend(requested: str, device: torch.device) -> str:
     preference = _PREFERENCE.get(device.type, ["reference"])
     chosen = next(name for name in preference if name in _BACKENDS)
     if requested != "auto":
-        log.warning("fused_moe backend %r is not available here; using %r", requested, chosen)
+        _warn_once(f"fused_moe backend {requested!r} is not available here; using {chosen!r}")
     return chosen
 
 
@@ -89,10 +89,15 @@ def fused_moe(
 _WARNED: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    """Log `message` the first time only: the op runs once per layer per step."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
 def _warn_fallback(name: str, reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        log.warning("fused_moe: backend %r cannot run this case (%s); running the reference instead", name, reason)
+    _warn_once(f"fused_moe: backend {name!r} cannot run this case ({reason}); running the reference instead")
 
 
 @fused_moe.register_fake

@@ -9,7 +9,7 @@ Dimension legend: T = tokens, E = experts, K = top_k, H = hidden, I = expert int
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +100,15 @@ def expert_forward(
     activation: str,
     alpha: float,
     limit: float,
+    gemm_input: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
-    """One expert on its rows: x [N, H], w13 [2I or I, H], w2 [H, I] -> [N, H] in x's dtype."""
+    """One expert on its rows: x [N, H], w13 [2I or I, H], w2 [H, I] -> [N, H] in x's dtype.
+    `gemm_input` transforms each GEMM's input (the emulated FP8 path quantizes activations there)."""
+    prepare = gemm_input or (lambda t: t)
     intermediate = w2.shape[1]
-    h = F.linear(x, w13, b13)  # [N, 2I]
+    h = F.linear(prepare(x), w13, b13)  # [N, 2I]
     a = apply_activation(h, intermediate, w13.shape[0] == 2 * intermediate, activation, alpha, limit)  # [N, I]
-    return F.linear(a, w2, b2)  # [N, H]
+    return F.linear(prepare(a), w2, b2)  # [N, H]
 
 
 def torch_fused_moe(
@@ -146,6 +149,7 @@ def torch_experts(
     activation: str,
     alpha: float,
     limit: float,
+    gemm_input: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Experts and combine for given routing: weights [T, K] fp32, ids [T, K] -> [T, H] in x's dtype.
 
@@ -171,7 +175,8 @@ def torch_experts(
             xin = (xin * w).to(x.dtype)
         b13_e = None if b13 is None else b13[expert]
         b2_e = None if b2 is None else b2[expert]
-        y = expert_forward(xin, w13[expert], w2[expert], b13_e, b2_e, activation, alpha, limit).to(out.dtype)  # [n, H]
+        y = expert_forward(xin, w13[expert], w2[expert], b13_e, b2_e, activation, alpha, limit,
+                           gemm_input).to(out.dtype)  # [n, H]
         out.index_add_(0, tokens, y if weight_on_input else y * w)
     return out.to(x.dtype)
 
@@ -230,28 +235,5 @@ def torch_fused_moe_packed(
     dense2 = unpack_weight(w2, w2_scale, w2_meta, x.dtype)  # [E, H, I]
     logits = router_logits(x, router_weight, router_bias)  # [T, E]
     weights, ids = route(logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling)
-    qdq = fake_quant_per_token if act_quant == "fp8_per_token" else (lambda t: t)
-    out = torch.zeros(x.shape, dtype=acc_dtype(x.dtype), device=x.device)  # [T, H]
-    flat_ids = ids.reshape(-1)  # [T*K]
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=dense13.shape[0]).tolist()  # [E]
-    token_of_row = order // ids.shape[1]
-    flat_weights = weights.reshape(-1)[order]
-    intermediate = dense2.shape[2]
-    gated = dense13.shape[1] == 2 * intermediate
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = slice(start, start + count)
-        start += count
-        tokens = token_of_row[rows]  # [n]
-        w = flat_weights[rows].unsqueeze(1).to(out.dtype)  # [n, 1]
-        xin = x[tokens]  # [n, H]
-        if weight_on_input:
-            xin = (xin * w).to(x.dtype)
-        h = F.linear(qdq(xin), dense13[expert], None if b13 is None else b13[expert])  # [n, 2I]
-        a = apply_activation(h, intermediate, gated, activation, alpha, limit)  # [n, I]
-        y = F.linear(qdq(a), dense2[expert], None if b2 is None else b2[expert]).to(out.dtype)  # [n, H]
-        out.index_add_(0, tokens, y if weight_on_input else y * w)
-    return out.to(x.dtype)
+    qdq = fake_quant_per_token if act_quant == "fp8_per_token" else None
+    return torch_experts(x, weights, ids, dense13, dense2, b13, b2, weight_on_input, activation, alpha, limit, qdq)

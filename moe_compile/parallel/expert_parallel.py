@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_compile.fused_block import FusedMoEBlock
+from moe_compile.fused_block import FusedMoEBlock, finish_output
 from moe_compile.kernels import reference
 from moe_compile.parallel.distributed import EPGroup
 from moe_compile.parallel.placement import Placement
@@ -103,17 +103,7 @@ class ExpertParallelMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, self.spec.hidden_size)  # [T, H]
-        out = self.routed_experts(x)  # [T, H]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)  # [T, H]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        if not self.spec.flat_output:
-            out = out.reshape(hidden_states.shape)
-        if self.spec.returns_tuple:
-            return out, FusedMoEBlock._aux_output(self, x)  # only reads spec, router and correction bias
-        return out
+        return finish_output(self, hidden_states, x, self.routed_experts(x))
 
     def routed_experts(self, x: Tensor) -> Tensor:
         """[T, H] -> [T, H]: route, dispatch, run the local experts, combine. A collective over the EP group."""
