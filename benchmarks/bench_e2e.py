@@ -5,8 +5,11 @@ step), and moe_compile's `optimize(model, "balanced")`. The bytes-per-step floor
 measured in the same run.
 
   python benchmarks/bench_e2e.py [--layers 48] [--batches 1,8,64] [--prompt 512] [--steps 16] [--out DIR]
+                                 [--formats fp8,sparse24,fp8+sparse24]
 
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
+`--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
+fp8=True and/or sparsity_24=True (ungated: no calibration text), its experts on the packed-weight kernels.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def build_model(layers: int):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     config = Qwen3MoeConfig(num_hidden_layers=layers, **QWEN3_30B)
+    torch.manual_seed(0)  # the same weights each time it is built (the --formats rows rebuild it)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
@@ -133,6 +137,33 @@ def run(args) -> list[E2ERow]:
         write_rows(rows, args.stem)
     if args.trace:
         trace_decode(model, args, batches[0])
+    for fmt in [f for f in args.formats.split(",") if f]:
+        del model
+        torch.cuda.empty_cache()
+        model = build_model(args.layers)
+        rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
+        write_rows(rows, args.stem)
+    return rows
+
+
+FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "sparse24": dict(sparsity_24=True),
+                    "fp8+sparse24": dict(fp8=True, sparsity_24=True)}
+
+
+def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_tokens) -> list[E2ERow]:
+    """moe_compile with packed expert weights in `fmt`; the floor stays the bf16 bytes floor (compare rows)."""
+    if fmt not in FORMAT_OVERRIDES:
+        raise SystemExit(f"unknown format {fmt!r}; known: {', '.join(FORMAT_OVERRIDES)}")
+    start = time.perf_counter()
+    mc.optimize(model, args.profile, **FORMAT_OVERRIDES[fmt])
+    optimize_s = time.perf_counter() - start
+    rows = []
+    for b in batches:
+        row = _row(meta, model, b, args, f"moe_compile_{args.profile}_{fmt}", args.steps, bandwidth,
+                   reference_tokens, {})
+        enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
+        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}; floor counts bf16 expert bytes"
+        rows.append(row)
     return rows
 
 
@@ -214,6 +245,8 @@ def main() -> None:
     parser.add_argument("--profile", default="balanced")
     parser.add_argument("--impls", default="hf_eager,hf_grouped_mm,hf_static_cache,moe_compile")
     parser.add_argument("--trace", action="store_true", help="profile a few decode steps of ours at the first batch")
+    parser.add_argument("--formats", default="", help="packed expert formats to add after moe_compile (comma list: "
+                        "fp8, sparse24, fp8+sparse24; each rebuilds the model)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

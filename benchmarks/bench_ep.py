@@ -5,8 +5,8 @@
 
 Rows (one CSV per run, appended columns card/date/commit):
   layer  Qwen3-30B-A3B, DeepSeek-V3 and Mixtral-8x7B MoE layers (router + experts, no shared expert), per-rank
-         batch T: one GPU running the whole layer (fused op, `auto` backend and `reference` backend: the EP block's
-         local experts run the reference math, so the reference row is the like-for-like one) where it fits, and
+         batch T: one GPU running the whole layer (fused op, `auto` backend — the EP block's local experts run the
+         same Triton grouped GEMM, so that is the like-for-like row — and `reference`) where it fits, and
          the expert-parallel block with contiguous / balanced / balanced+replica placement, overlap off and on.
          Routing is skewed on purpose (router bias falling linearly over expert ids, so contiguous placement puts
          the hot experts on rank 0); `imbalance` is the max/mean rank load that placement gives on the timed tokens.
@@ -175,6 +175,37 @@ def _bench_shape(shape: LayerShape, args, ep: EPGroup, device: torch.device, dty
     return rows
 
 
+@torch.no_grad()
+def trace_block(args, ep: EPGroup, device: torch.device, dtype: torch.dtype, meta: dict) -> None:
+    """Where an EP block's time goes: torch profiler over a few calls (every rank runs them, rank 0 records)."""
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)[0]
+    fused = make_fused(shape, device, dtype, "auto")
+    for tokens in (int(t) for t in args.trace.split(",")):
+        x = torch.randn(tokens, shape.hidden, generator=torch.Generator(device=device).manual_seed(1 + ep.rank),
+                        device=device, dtype=torch.float32).to(dtype)  # [T, H]
+        placement, _ = _placements(fused, x, ep)["balanced"]
+        block = ExpertParallelMoEBlock(fused, placement, ep, overlap=False)
+        for _ in range(3):
+            block(x)
+        _sync(device)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                block(x)
+            _sync(device)
+        if ep.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"ep_trace_{shape.name}_T{tokens}_{ep.size}ranks{args.tag}.txt")
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            with open(path, "w") as f:
+                f.write(f"# {shape.name}, {tokens} tokens per rank, {ep.size} ranks, balanced placement, overlap "
+                        f"off, 5 calls; {meta['card']} {meta['date']} {meta['commit']}\n")
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+            print("wrote", path, flush=True)
+        dist.barrier(group=ep.group)
+
+
 def _build_mixtral(args, device: torch.device, dtype: torch.dtype):
     if args.smoke:
         from moe_compile.models import build_tiny_model
@@ -299,6 +330,10 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--trace", default=None, metavar="T1,T2",
+                        help="also profile the first shape's balanced EP block at these tokens per rank (torch "
+                             "profiler, rank 0): the op table goes to ep_trace_*.txt beside the CSV")
+    parser.add_argument("--tag", default="", help="suffix for the result file names (keeps earlier runs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     defaults = dict(tokens="1,8,300", batch=1, prompt=8, steps=3, iters=3, warmup=1) if args.smoke else \
@@ -324,10 +359,12 @@ def main(argv=None) -> None:
     ep = make_ep_group(dist.get_world_size(), device)
     meta = run_meta(device)
     rows = bench_layers(args, ep, device, dtype, meta)
+    if args.trace:
+        trace_block(args, ep, device, dtype, meta)
     if not args.skip_e2e:
         rows += bench_e2e(args, ep, device, dtype, meta)
     if ep.rank == 0:
-        tag = f"{'smoke' if args.smoke else meta['card'].replace(' ', '_')}_{ep.size}ranks_{meta['date']}"
+        tag = f"{'smoke' if args.smoke else meta['card'].replace(' ', '_')}_{ep.size}ranks_{meta['date']}{args.tag}"
         print("wrote", write_results(rows, args.out, tag))
     dist.destroy_process_group()
 

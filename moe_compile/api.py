@@ -68,13 +68,16 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     the fused blocks' experts over N ranks of a torchrun job; `verify=False` skips the probe-input checks.
     `fp8` / `sparsity_24` pass a quality gate: `calibration_text=` (str or bytes for byte-level models, else token
     ids; the built-in quality model defaults to its held-out text) and `quality_thresholds=` (largest relative
-    perplexity increase, default {"fp8": 0.01, "sparsity_24": 0.05}); the numbers land in `.quality`."""
+    perplexity increase, default {"fp8": 0.01, "sparsity_24": 0.05}); the numbers land in `.quality`.
+    `fp8_calibration=` "auto" (default: NVIDIA ModelOpt when installed, else the built-in max), "modelopt",
+    "modelopt-mse" or "max" picks how FP8 weight scales are calibrated (see `moe_compile.quant.gate`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     verify = overrides.pop("verify", True)
     expert_parallel = overrides.pop("expert_parallel", None)  # ranks (int) or ExpertParallelConfig: not a profile flag
     calibration = overrides.pop("calibration_text", None)  # quality gate for fp8 / sparsity_24 (str, bytes or ids)
     thresholds = overrides.pop("quality_thresholds", None)  # e.g. {"fp8": 0.01, "sparsity_24": 0.05}
+    fp8_calibration = overrides.pop("fp8_calibration", "auto")  # FP8 weight scales: auto | modelopt | ... | max
     chosen = load_profile(profile).with_overrides(overrides)
     device = _model_device(model)
     plan = resolve_features(chosen, device)
@@ -88,7 +91,8 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
             from moe_compile.quant.gate import apply_quality_gated
 
             result.notes.update(plan.notes)
-            swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds)  # each has .undo()
+            swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds,
+                                         fp8_calibration)  # each has .undo()
         if expert_parallel is not None:
             from moe_compile.parallel import apply_expert_parallel
 

@@ -4,10 +4,12 @@
     torch.compile(model, backend="moe_compile", options={"inner": "eager", "backend": "reference"})
 
 Options: `inner` ("inductor" default, or "eager" to run the passed graph as is), `backend` (pin the fused_moe
-kernel, see passes/select_backend.py), `dump_dir` (per-pass graph dumps, one `graph_NNN/` folder per captured
-graph; `MOE_COMPILE_DUMP=DIR` does the same), `cudagraphs` (Inductor's CUDA graphs). Any other key must be an
-Inductor config name (`max_autotune`, `triton.cudagraphs`, ...) and is passed to Inductor as a config patch; an
-unknown key is an error (it used to be ignored silently). Counters: see moe_compile.counters.
+kernel, see passes/select_backend.py), `specialize_phase` (True: decode nodes get the decode kernel, prefill nodes
+grouped GEMM; `decode_max_rows`, `available_backends` tune it, see passes/specialize_phase.py), `dump_dir`
+(per-pass graph dumps, one `graph_NNN/` folder per captured graph; `MOE_COMPILE_DUMP=DIR` does the same),
+`cudagraphs` (Inductor's CUDA graphs). Any other key must be an Inductor config name (`max_autotune`,
+`triton.cudagraphs`, ...) and is passed to Inductor as a config patch; an unknown key is an error (it used to be
+ignored silently). Counters: see moe_compile.counters.
 The model should have been through `moe_compile.optimize` first, so its MoE blocks are `fused_moe` nodes; on
 other graphs the passes find nothing and the backend is plain Inductor.
 """
@@ -28,7 +30,8 @@ BACKEND_NAME = "moe_compile"
 _registered = False
 
 
-OPTIONS = ("inner", "backend", "dump_dir", "cudagraphs")  # ours; any other key must be an Inductor config name
+# ours; any other key must be an Inductor config name
+OPTIONS = ("inner", "backend", "dump_dir", "cudagraphs", "specialize_phase", "decode_max_rows", "available_backends")
 
 
 def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:

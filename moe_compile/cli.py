@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import moe_compile as mc
+from moe_compile import cli_parallel
 from moe_compile.checkpoint import FORMATS, MANIFEST_NAME, export_for_cli
 from moe_compile.errors import MoECompileError
 from moe_compile.loading import DTYPES, MODEL_HELP, LoadedModel, load_model, parse_dtype
@@ -88,6 +90,15 @@ def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = Tru
                         help="checkpoint format: safetensors (restored by `moe-compile load` / mc.load) or onnx "
                              "(model.onnx, input_ids -> logits, needs moe-compile[onnx]); default safetensors")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parallel = parser.add_argument_group("expert parallelism", "shard the experts over several GPUs (torchrun)")
+    parallel.add_argument("--gpus", type=int, default=1, metavar="N",
+                          help="run N processes, one per GPU, each holding 1/N of the experts (default 1; more than "
+                               "the machine has is lowered with a warning; with --device cpu: N gloo processes)")
+    parallel.add_argument("--placement", choices=["contiguous", "balanced"], default="contiguous",
+                          help="experts to ranks: contiguous ids, or balanced by the routing measured on "
+                               "--calibration-tokens random token ids (default contiguous)")
+    parallel.add_argument("--calibration-tokens", type=int, default=512, metavar="T",
+                          help="token ids per rank to measure routing on for --placement balanced (default 512)")
     group = parser.add_argument_group("features", "force a feature on or off (default: the profile's setting)")
     for name, (what, _, _) in FEATURES.items():
         group.add_argument(f"--enable-{_flag(name)}", f"--disable-{_flag(name)}", dest=f"feature_{name}",
@@ -188,6 +199,16 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     if not args.dry_run and args.device.type == "cuda" and not torch.cuda.is_available():
         raise MoECompileError("--device cuda, but CUDA is not available here; use --device cpu, or --dry-run for a "
                               "plan against an H100")
+    if args.gpus != 1 and not cli_parallel.is_worker():
+        processes = cli_parallel.gpus_to_use(args.gpus, args.device)  # checks the number, lowers it to what exists
+        if processes > 1 and not args.dry_run:
+            return cli_parallel.launch(args.argv, processes)
+    worker = cli_parallel.is_worker()
+    if worker:
+        args.device = cli_parallel.worker_device(args.device)
+        if cli_parallel.rank() != 0:  # one rank speaks for the job
+            console = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
+            os.environ["MOE_COMPILE_QUIET"] = "1"
     loaded = _load(args, console, allow_meta=args.dry_run)
     plan = build_plan(loaded.model, profile, args.device, parse_dtype(args.dtype))
     if args.dry_run:
@@ -198,9 +219,16 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]dry run:[/bold] nothing was changed or written{escape(written)}")
         return 0
     model = loaded.model.to(args.device)
+    if worker:
+        overrides["expert_parallel"] = cli_parallel.expert_parallel_config(
+            int(os.environ["WORLD_SIZE"]), args.placement, model, args.calibration_tokens, args.seed)
     mc.optimize(model, args.profile, **overrides)
     result = model.moe_compile
     console.print(result.table())
+    if worker:
+        from moe_compile.parallel import placement_report
+
+        console.print(placement_report(model).table())
     _print_plan(console, plan)
     console.print(f"fused {len(result.fused)} of {len(result.fused) + len(result.skipped)} MoE blocks; max relative "
                   f"error vs the original {result.max_error:.1e}; passes: {', '.join(result.passes)}")
@@ -314,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus re-launches under torchrun
     verbose = bool(getattr(args, "verbose", False))
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -332,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback; please report it)")
         return 1
+    finally:
+        if cli_parallel.is_worker():
+            cli_parallel.leave_group()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,18 @@ def _cuda_graphs(device: torch.device) -> Optional[str]:
     return None
 
 
+def _specialize_phase(device: torch.device) -> Optional[str]:
+    """Phase specialisation picks between GPU kernels in compiled graphs: it needs CUDA and a GPU backend."""
+    if device.type != "cuda":
+        return (f"prefill/decode specialisation chooses between GPU kernels; on {device.type} the reference is the "
+                "only fused_moe backend")
+    from moe_compile.kernels import available_backends
+
+    if not {"triton", "cuda"} & set(available_backends()):
+        return "prefill/decode specialisation needs a GPU fused_moe backend (triton or cuda), none is available"
+    return None
+
+
 def _tensorrt(device: torch.device) -> Optional[str]:
     """torch-tensorrt needs example inputs to compile, which `optimize` does not have: it is an explicit call."""
     from moe_compile.emit.tensorrt import unavailable_reason
@@ -61,9 +73,7 @@ FEATURES: dict[str, tuple[str, Callable[[torch.device], Optional[str]], Callable
     "fuse_moe": ("rewrite proven MoE blocks to one fused op", _always, lambda d: True),
     "compile": ("torch.compile with the moe_compile backend (Inductor)", _always, lambda d: d.type == "cuda"),
     "cuda_graphs": ("decode steps replayed from captured CUDA graphs", _cuda_graphs, lambda d: d.type == "cuda"),
-    "specialize_phase": ("separate decode and prefill kernels",
-                         _never("prefill/decode specialisation is not in this version of moe_compile"),
-                         lambda d: d.type == "cuda"),
+    "specialize_phase": ("separate decode and prefill kernels", _specialize_phase, lambda d: d.type == "cuda"),
     "fuse_shared_expert": ("shared expert computed inside the fused op",
                            _never("shared-expert fusion is not in this version of moe_compile"), lambda d: True),
     "fp8": ("FP8 expert weights and activations (emulated in this version; quality-gated)",

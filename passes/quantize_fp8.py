@@ -1,27 +1,44 @@
 """quantize_fp8: every fused MoE block's expert weights to FP8 e4m3 (module-level pass).
 
 Per-output-channel scales (w13_scale [E, 2I], w2_scale [E, H] fp32, weights `torch.float8_e4m3fn`), and dynamic
-per-token activation scales at run time, so no calibration is needed (ModelOpt cannot calibrate fused 3-D experts
-behind our op; see docs/quality.md). Router, shared expert and attention stay in high precision. Blocks already 2:4
-sparse get their compressed values quantized (FP8 + 2:4). The block then runs `fused_moe_packed`; emulated in this
-version (dequantize + matmul in the activation dtype): quality is real, speed is not.
+per-token activation scales at run time. The weight scales are either computed here (max calibration:
+amax over the input dim / 448) or passed in precomputed per block, e.g. calibrated by NVIDIA ModelOpt
+(`moe_compile.quant.modelopt_calib`, which can also search them by MSE); weights beyond a given scale's range are
+clamped to ±448. Router, shared expert and attention stay in high precision. Blocks already 2:4 sparse get their
+compressed values quantized (FP8 + 2:4). The block then runs `fused_moe_packed`.
 Counts the blocks it rewrote (`counters["moe_compile"]["quantize_fp8"]`); `result.undo()` puts the weights back.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
 
 from moe_compile.counters import counters
 from moe_compile.fused_block import FusedMoEBlock
-from moe_compile.quant.fp8 import quantize_per_channel
+from moe_compile.quant.fp8 import E4M3_MAX, FP8_DTYPE, quantize_per_channel
 from moe_compile.quant.packed import ModulePassResult, PackedExperts, install
 
 NAME = "quantize_fp8"
+Scales = dict[str, tuple[Tensor, Tensor]]  # block name -> (w13_scale [E, 2I], w2_scale [E, H]) fp32
 
 
-def quantize_fp8(model: nn.Module) -> ModulePassResult:
+def quantize_with_scale(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """w [..., N, K] with a given scale [..., N] -> (q [..., N, K] float8_e4m3fn, scale fp32)."""
+    if tuple(scale.shape) != tuple(w.shape[:-1]):
+        raise ValueError(f"FP8 scale of shape {tuple(scale.shape)} does not fit weights {tuple(w.shape)} "
+                         f"(expected {tuple(w.shape[:-1])}: one scale per output channel)")
+    scale = scale.detach().to(device=w.device, dtype=torch.float32)
+    q = (w.detach().float() / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None) -> ModulePassResult:
+    """Quantize every fused block; `scales[name]` (optional, per block) replaces the built-in max scales."""
     result = ModulePassResult(NAME)
+    planned = []
     for name, block in model.named_modules():
         if not isinstance(block, FusedMoEBlock):
             continue
@@ -31,9 +48,13 @@ def quantize_fp8(model: nn.Module) -> ModulePassResult:
             continue
         w13, w2 = (block.w13, block.w2) if packed is None else (packed.w13, packed.w2)
         m13, m2 = (None, None) if packed is None else (packed.w13_meta, packed.w2_meta)
-        q13, s13 = quantize_per_channel(w13)
-        q2, s2 = quantize_per_channel(w2)
+        if scales is not None and name in scales:
+            (q13, s13), (q2, s2) = (quantize_with_scale(w, s) for w, s in zip((w13, w2), scales[name]))
+        else:
+            (q13, s13), (q2, s2) = quantize_per_channel(w13), quantize_per_channel(w2)
+        planned.append((block, PackedExperts(q13, q2, s13, s2, m13, m2)))
+    for block, packed in planned:  # install only once every block quantized: a bad scale changes nothing
         result.record(block)
-        install(block, PackedExperts(q13, q2, s13, s2, m13, m2))
+        install(block, packed)
     counters["moe_compile"][NAME] += result.count
     return result

@@ -293,4 +293,29 @@ def test_list_models_and_profiles(capsys):
     assert "tiny-qwen3-moe" in out and "tiny-deepseek-v3" in out
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
-    assert "conservative" in out and "sparsity-24" in out and "not in this version" in out
+    assert "conservative" in out and "sparsity-24" in out and "shared-expert fusion" in out
+
+
+def test_gpus_runs_expert_parallel_processes_and_exports_the_placement(tmp_path):
+    """`--gpus 2 --device cpu`: two torchrun processes (gloo), experts sharded, rank 0 prints the placement table
+    and writes one checkpoint whose manifest holds the placement; loaded back it equals the original model."""
+    out = tmp_path / "ep"
+    proc = subprocess.run([sys.executable, "-m", "moe_compile.cli", "optimize", "tiny-qwen3-moe", "--device", "cpu",
+                           "--gpus", "2", "--placement", "balanced", "--profile", "conservative", "--output", str(out)],
+                          check=False, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("expert placement on 2 ranks") == 1  # rank 0 alone speaks
+    assert "2 CPU processes with gloo" in proc.stderr
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    placed = manifest["optimize"]["expert_parallel"]["placement"]["blocks"]
+    assert len(placed) == 2 and all(len(b["placement"]["rank_experts"]) == 2 for b in placed.values())
+    loaded = mc.load(out)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = build_tiny_model("tiny-qwen3-moe")(ids).logits
+        assert (loaded(ids).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_gpus_must_be_positive(capsys):
+    assert main(["optimize", "tiny-qwen3-moe", "--device", "cpu", "--gpus", "0"]) == 1
+    assert "--gpus must be at least 1" in error_line(capsys)

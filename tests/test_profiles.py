@@ -81,12 +81,15 @@ def test_auto_resolves_per_device():
 
     on_gpu = resolve_features(balanced, CUDA)
     assert on_gpu.enabled["compile"]
-    assert "not in this version" in on_gpu.unavailable["specialize_phase"]
-    assert set(on_gpu.unavailable) <= {"cuda_graphs", "specialize_phase"}  # cuda_graphs needs triton on the machine
+    assert set(on_gpu.unavailable) <= {"cuda_graphs", "specialize_phase"}  # both need a GPU backend on the machine
     if "triton" in available_backends():
         assert on_gpu.enabled["cuda_graphs"]
     else:
         assert "triton" in on_gpu.unavailable["cuda_graphs"]
+    if {"triton", "cuda"} & set(available_backends()):
+        assert on_gpu.enabled["specialize_phase"]
+    else:
+        assert "needs a GPU fused_moe backend" in on_gpu.unavailable["specialize_phase"]
     assert all(reason and not on_gpu.enabled[name] for name, reason in on_gpu.unavailable.items())
 
     aggressive = resolve_features(load_profile("aggressive"), CUDA)
@@ -95,10 +98,13 @@ def test_auto_resolves_per_device():
 
 
 def test_forcing_an_unavailable_feature_raises_with_the_remedy():
-    profile = load_profile("balanced").with_overrides({"specialize_phase": True})
+    profile = load_profile("balanced").with_overrides({"fuse_shared_expert": True})
     for device in (CPU, CUDA):
-        with pytest.raises(FeatureUnavailableError, match="--disable-specialize-phase"):
+        with pytest.raises(FeatureUnavailableError, match="--disable-fuse-shared-expert"):
             resolve_features(profile, device)
+    # phase specialisation exists on GPUs; on CPU the reference is the only backend, and forcing it says so
+    with pytest.raises(FeatureUnavailableError, match="only fused_moe backend"):
+        resolve_features(load_profile("balanced").with_overrides({"specialize_phase": True}), CPU)
     with pytest.raises(FeatureUnavailableError, match="specialize_phase"):
         mc.optimize(build_tiny_model("tiny-qwen3-moe"), "balanced", specialize_phase=True)
 

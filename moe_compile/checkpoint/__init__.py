@@ -39,6 +39,7 @@ from moe_compile.checkpoint.manifest import (
     versions,
     write_manifest,
 )
+from moe_compile.checkpoint.packed import cast_keeping_packed
 from moe_compile.checkpoint.restore import match_dtypes, read_header, restore_blocks
 from moe_compile.errors import CheckpointError
 
@@ -59,11 +60,18 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
     format="safetensors": weights + config + manifest, restored by `load`. format="onnx": `model.onnx` + manifest;
     needs `example_input_ids` (HF causal LMs) or `example_inputs` (any module), see `onnx_export.export_onnx`.
     An existing `out_dir` is replaced only with `force=True`. `extra_files`: name -> JSON-serialisable data, written
-    beside the weights and hashed in the manifest (e.g. the CLI's report).
+    beside the weights and hashed in the manifest (e.g. the CLI's report). A model sharded by
+    `optimize(expert_parallel=N)` is exported by every rank at once (a collective): rank 0 writes the gathered
+    experts and the manifest records the placement (`moe_compile.parallel.saved_placement` reads it back).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects a torch.nn.Module, got {type(model).__name__}")
-    refuse_unexportable(model)
+    from moe_compile.parallel.gather import export_sharded, sharded_blocks
+
+    if sharded_blocks(model):  # expert-parallel: a collective; rank 0 writes the gathered model + its placement
+        return export_sharded(export, model, out_dir, force=force, format=format, example_input_ids=example_input_ids,
+                              example_inputs=example_inputs, extra_files=extra_files, **onnx_options)
+    refuse_unexportable(model, format)
     if format == "onnx":
         from moe_compile.checkpoint.onnx_export import export_onnx
 
@@ -91,30 +99,31 @@ def export(model: nn.Module, out_dir: PathLike, force: bool = False, format: str
     return target
 
 
-def refuse_unexportable(model: nn.Module) -> None:
+def refuse_unexportable(model: nn.Module, format: str = "safetensors") -> None:
     """Raise `CheckpointError` naming the first block this version cannot export, before anything is written:
-    FP8 / 2:4 packed experts (`FusedMoEBlock.packed` set, dense `w13` dropped) and expert-parallel shards."""
+    FP8 / 2:4 packed experts (`FusedMoEBlock.packed` set) to ONNX. (Expert-parallel shards are gathered first:
+    `export` hands them to `parallel.gather.export_sharded`.)"""
     from moe_compile.fused_block import FusedMoEBlock
-    from moe_compile.parallel.expert_parallel import ExpertParallelMoEBlock
 
     for name, module in model.named_modules():
         label = name or "the model"
-        if isinstance(module, ExpertParallelMoEBlock):
-            raise CheckpointError(f"cannot export {label} ({type(module).__name__}): expert-parallel shards hold "
-                                  f"only this rank's experts and are not exportable in this version; export the "
-                                  f"model before moe_compile.parallel shards it")
-        if isinstance(module, FusedMoEBlock) and (module.packed is not None or module.w13 is None):
+        if isinstance(module, FusedMoEBlock) and format != "safetensors" and (
+                module.packed is not None or module.w13 is None):
             fmt = getattr(module.packed, "weight_format", None)
             raise CheckpointError(f"cannot export {label} (FusedMoEBlock{f', weights={fmt}' if fmt else ''}): "
-                                  f"FP8/2:4 packed experts are not exportable in this version; export with fp8 and "
-                                  f"sparsity_24 off (e.g. --disable-fp8 --disable-sparsity-24)")
+                                  f"FP8/2:4 packed experts are not exportable in this version to {format}; export "
+                                  f"with format='safetensors', or with fp8 and sparsity_24 off "
+                                  f"(e.g. --disable-fp8 --disable-sparsity-24)")
 
 
 def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:
+    from moe_compile.checkpoint.packed import format_version_for
+
     config = getattr(model, "config", None)
+    blocks = block_entries(model)
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(blocks),
         "kind": kind,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -124,7 +133,7 @@ def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:
             "hf_config": bool(config is not None and hasattr(config, "save_pretrained")),
             "model_type": getattr(config, "model_type", None),
         },
-        "blocks": block_entries(model),
+        "blocks": blocks,
         "optimize": optimize_entry(model),
     }
 
@@ -283,7 +292,7 @@ def load(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype 
     _load_weights(model, weights, header, manifest.get("aliases", {}))
     model.to(device)
     if dtype is not None:
-        model.to(dtype)
+        cast_keeping_packed(model, dtype)  # FP8 expert weights and scales keep their format
     model.eval()
     result = result_from_manifest(manifest, str(directory))
     model.moe_compile = result

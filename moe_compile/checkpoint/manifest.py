@@ -22,7 +22,8 @@ from moe_compile.spec import MoESpec
 
 MANIFEST_NAME = "moe_compile_manifest.json"
 FORMAT_NAME = "moe_compile.checkpoint"
-FORMAT_VERSION = 1  # bump on any change an older `load` would misread; `load` refuses versions above its own
+FORMAT_VERSION = 2  # bump on any change an older `load` would misread; `load` refuses versions above its own
+# (2: blocks with packed FP8 / 2:4 experts; checkpoints without them are still written as version 1, see packed.py)
 WEIGHTS_NAME = "model.safetensors"
 _HASH_CHUNK = 1 << 22
 
@@ -56,6 +57,8 @@ def fused_blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def block_entries(model: nn.Module) -> list[dict[str, Any]]:
+    from moe_compile.checkpoint.packed import weight_format
+
     entries = []
     for name, block in fused_blocks(model).items():
         entries.append({
@@ -63,6 +66,7 @@ def block_entries(model: nn.Module) -> list[dict[str, Any]]:
             "source_class": block.source_class,
             "backend": block.backend,
             "spec": block.spec.to_dict(),
+            "weight_format": weight_format(block),  # dense | fp8 | sparse24 | fp8+sparse24 (PackedExperts)
             "shared_expert_class": None if block.shared_expert is None else type(block.shared_expert).__name__,
             "shared_expert_gate_class": (None if block.shared_expert_gate is None
                                          else type(block.shared_expert_gate).__name__),

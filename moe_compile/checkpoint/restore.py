@@ -1,8 +1,10 @@
 """Rebuild the fused blocks of a checkpoint in a freshly built model, without proving or calibrating anything.
 
 Each block named in the manifest is replaced by a `FusedMoEBlock` built from its saved spec, with empty tensors of
-the shapes and dtypes the weight file's header records (the weights are loaded afterwards, strictly). The shared
-expert and its gate are the original block's own child modules: structural detection (no forward) names them.
+the shapes and dtypes the weight file's header records (the weights are loaded afterwards, strictly); a block saved
+with packed experts (`weight_format` fp8 / sparse24 / fp8+sparse24) gets an empty `PackedExperts` instead of dense
+expert weights (see `packed.py`). The shared expert and its gate are the original block's own child modules:
+structural detection (no forward) names them.
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ def _shared_modules(model: nn.Module, name: str, block: nn.Module, spec: MoESpec
 def restore_blocks(model: nn.Module, blocks: list[dict[str, Any]], header: Header) -> None:
     """Replace each manifest block of `model` by an empty `FusedMoEBlock` of the saved spec (in place)."""
     from moe_compile.api import model_config
+    from moe_compile.checkpoint.packed import empty_packed_experts, placeholder_dense, weight_format
     from moe_compile.detect import CanonicalWeights, find_candidates
     from moe_compile.fused_block import FusedMoEBlock
+    from moe_compile.quant.packed import install
 
     candidates = None
     for entry in blocks:
@@ -104,23 +108,34 @@ def restore_blocks(model: nn.Module, blocks: list[dict[str, Any]], header: Heade
             if current.spec != spec:
                 raise CheckpointError(f"block {name!r} of the given model has spec {current.spec}, the checkpoint "
                                       f"{spec}")
+            if weight_format(current) != entry.get("weight_format", "dense"):
+                raise CheckpointError(f"block {name!r} of the given model holds {weight_format(current)} expert "
+                                      f"weights, the checkpoint {entry.get('weight_format', 'dense')}; pass a "
+                                      f"skeleton optimized the same way, or the unoptimized architecture")
             continue
         if candidates is None and any(b["spec"].get("shared_expert", "none") != "none" for b in blocks):
             candidates = {c.name: c for c in find_candidates(model, model_config(model))}
         shared, gate = _shared_modules(model, name, current, spec, candidates or {})
+        fmt = entry.get("weight_format", "dense")
         tensors = {
             "router_weight": _empty(header, f"{name}.router_weight", True),
             "router_bias": _empty(header, f"{name}.router_bias", spec.router_bias),
             "correction_bias": _empty(header, f"{name}.correction_bias", spec.correction_bias),
-            "w13": _empty(header, f"{name}.w13", True),
-            "w2": _empty(header, f"{name}.w2", True),
+            "w13": _empty(header, f"{name}.w13", True) if fmt == "dense" else None,
+            "w2": _empty(header, f"{name}.w2", True) if fmt == "dense" else None,
             "b13": _empty(header, f"{name}.b13", spec.expert_bias),
             "b2": _empty(header, f"{name}.b2", spec.expert_bias),
         }
         _check_shapes(name, spec, tensors)
+        packed = None
+        if fmt != "dense":
+            packed = empty_packed_experts(name, spec, fmt, header)
+            tensors["w13"], tensors["w2"] = placeholder_dense(spec, tensors["router_weight"].dtype)
         weights = CanonicalWeights(tensors["w13"], tensors["w2"], tensors["b13"], tensors["b2"])
         fused = FusedMoEBlock(spec, tensors["router_weight"], tensors["router_bias"], tensors["correction_bias"],
                               weights, shared, gate, entry.get("source_class", ""), entry.get("backend", "auto"))
+        if packed is not None:
+            install(fused, packed)
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, fused)
 

@@ -10,6 +10,7 @@ log = logging.getLogger("moe_compile")
 # name -> (module that registers it on import, what the user needs for it)
 OPTIONAL_BACKENDS = {
     "triton": ("moe_compile.kernels.triton_moe", "a CUDA GPU and `pip install triton`"),
+    "triton_packed": ("moe_compile.kernels.triton_packed", "a CUDA GPU and `pip install triton` (FP8 / 2:4 kernels)"),
     "cuda": ("moe_compile.kernels.cuda_moe", "a Hopper GPU and nvcc (csrc/, built on first use)"),
 }
 UNAVAILABLE: dict[str, str] = {}

@@ -201,10 +201,11 @@ fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- `fused_moe_packed`: the same layer with packed expert weights (FP8 e4m3 + scales and/or 2:4 + metadata) ----
-# A separate op so that `fused_moe`'s signature stays as GPU kernels expect it. Only the emulated reference exists in
-# this version (dequantize / decompress, then matmul in the activation dtype): correct numerics, no speedup.
+# A separate op so that `fused_moe`'s signature stays as GPU kernels expect it. `reference` emulates (dequantize /
+# decompress, then matmul in the activation dtype); `triton` (kernels/triton_packed.py) runs FP8 / 2:4 kernels.
 
 _PACKED_BACKENDS: dict[str, BackendFn] = {"reference": reference.torch_fused_moe_packed}
+_PACKED_PREFERENCE = {"cuda": ["triton", "reference"]}  # `auto` takes the first one registered
 
 
 def register_packed_backend(name: str, fn: BackendFn) -> None:
@@ -250,10 +251,21 @@ def fused_moe_packed(
     args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale, w2_scale, w13_meta, w2_meta,
             top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
             act_quant)
-    name = backend if backend in _PACKED_BACKENDS else "reference"
-    if backend not in ("auto", name):
-        _warn_fallback(backend, f"no packed-weight {backend!r} backend in this version")
-    return _PACKED_BACKENDS[name](*args)
+    explicit = backend in _PACKED_BACKENDS  # a block pinned to e.g. "cuda" (no packed kernels) gets the best one
+    if explicit:
+        name = backend
+    else:
+        preference = _PACKED_PREFERENCE.get(x.device.type, ["reference"])
+        name = next(n for n in preference if n in _PACKED_BACKENDS)
+        if backend != "auto":
+            _warn_once(f"fused_moe_packed: no packed-weight {backend!r} backend in this version; using {name!r}")
+    try:
+        return _PACKED_BACKENDS[name](*args)
+    except BackendUnsupported as exc:
+        if explicit or name == "reference":
+            raise
+        _warn_fallback(name, str(exc))
+        return _PACKED_BACKENDS["reference"](*args)
 
 
 @fused_moe_packed.register_fake

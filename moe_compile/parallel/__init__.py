@@ -8,6 +8,7 @@ from moe_compile.parallel.apply import ExpertParallelConfig, apply_expert_parall
 from moe_compile.parallel.calibrate import measure_expert_load
 from moe_compile.parallel.distributed import DistributedInitError, init_distributed
 from moe_compile.parallel.expert_parallel import OVERLAP_MIN_TOKENS, ExpertParallelMoEBlock
+from moe_compile.parallel.gather import saved_placement
 from moe_compile.parallel.placement import Placement, PlacementError, balanced_placement
 from moe_compile.parallel.report import BlockPlacement, PlacementReport
 
@@ -26,5 +27,5 @@ def placement_report(model) -> PlacementReport:
 __all__ = [
     "OVERLAP_MIN_TOKENS", "BlockPlacement", "DistributedInitError", "ExpertParallelConfig", "ExpertParallelMoEBlock",
     "Placement", "PlacementError", "PlacementReport", "apply_expert_parallel", "balanced_placement",
-    "init_distributed", "measure_expert_load", "placement_report",
+    "init_distributed", "measure_expert_load", "placement_report", "saved_placement",
 ]

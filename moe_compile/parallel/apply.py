@@ -145,6 +145,11 @@ def apply_expert_parallel(model: nn.Module, value: Any, device: torch.device, en
     if size == 1 or not blocks:
         _record(result, config, 1, reason="one rank" if size == 1 else "no fused MoE blocks")
         return
+    packed = [name for name, block in blocks.items() if block.packed is not None]
+    if packed:
+        raise ValueError(f"expert parallelism shards dense expert weights; {packed[0]} holds FP8/2:4 packed "
+                         f"experts ({blocks[packed[0]].packed.weight_format}), which this version cannot shard: "
+                         f"use expert_parallel without fp8/sparsity_24 (e.g. profile 'balanced')")
     ep = make_ep_group(size, device)
     loads = _expert_loads(model, config, blocks, ep)
     report = PlacementReport(size, config.placement if isinstance(config.placement, str) else "given")

@@ -2,17 +2,22 @@
 
 Every rank keeps the router (and the shared expert) and routes its own tokens; each routed (token, k) row goes to
 the rank that hosts its expert (to one replica, chosen by token index, when the placement replicates it) through
-`all_to_all_single`, runs there through the reference expert math, and comes back through a second all-to-all to
-be weighted and summed on the rank that owns the token (fp32 accumulation, as `reference.torch_experts` does).
+`all_to_all_single`, runs there through one grouped GEMM over the rank's local experts (`experts_for_rows`: the
+Triton kernels on CUDA, the reference loop on CPU), and comes back through a second all-to-all to be weighted and
+summed on the rank that owns the token (fp32 accumulation, as `reference.torch_experts` does).
 
 Host synchronisation: one per block call. The split sizes of an all-to-all must be known on the host, so the
-per-(rank, slot) row counts are exchanged with one small all-to-all and copied to the host once (`_exchange_counts`);
-everything else (routing, replica choice, sorting, gathering, the combine) stays on the device. For the same reason
-these blocks are not CUDA-graph capturable, and `optimize` turns cuda_graphs and compile off when it applies them.
+per-rank row counts are exchanged with one small all-to-all and copied to the host once (`_exchange_counts`);
+everything else (routing, replica choice, sorting, packing, the combine) stays on the device. Each payload row
+carries its slot on the receiving rank and its routing weight (`payload.py`), so the receiving rank runs one
+grouped GEMM over its local experts with the weight applied in fp32, and the owner only sums over K. Because of
+the host sync these blocks are not CUDA-graph capturable, and `optimize` turns cuda_graphs and compile off when it
+applies them. (A sync-free decode exchange needs fixed-capacity buffers whose size every rank agrees on without
+talking, i.e. a decode-phase contract across ranks; not in this version.)
 
-Dual-batch overlap: the tokens split in two micro-batches; the dispatch of the second is in flight while the
-experts run on the first, and the first's combine is in flight while the experts run on the second. It is decided
-after the counts exchange from the group's total token count, so every rank makes the same choice.
+Dual-batch overlap: the tokens split in two micro-batches; the dispatch of the second is in flight
+while the experts run on the first, and the first's combine is in flight while the experts run on the second. It
+is decided after the counts exchange from the group's total token count, so every rank makes the same choice.
 
 All ranks of the group must call each block the same number of times (lockstep forwards, as in any EP system).
 Inference only: no gradient flows back through the all-to-all.
@@ -33,6 +38,8 @@ from torch import Tensor, nn
 
 from moe_compile.fused_block import FusedMoEBlock, finish_output
 from moe_compile.kernels import reference
+from moe_compile.kernels.given_routing import experts_for_rows
+from moe_compile.parallel import payload
 from moe_compile.parallel.distributed import EPGroup
 from moe_compile.parallel.placement import Placement
 
@@ -48,15 +55,13 @@ OVERLAP_MIN_TOKENS = 1 << 16
 
 @dataclass
 class _MicroBatch:
-    """One micro-batch's routed rows, split sizes and in-flight buffers."""
+    """One micro-batch's routed rows, split sizes and in-flight buffers (the counts-sized exchange)."""
 
-    rows: Tensor  # [n] flat (token * K + k) indices, sorted by destination (rank, slot)
+    rows: Tensor  # [n] flat (token * K + k) indices, sorted by destination rank
     send_splits: list[int]  # [N] rows to each rank
     recv_splits: list[int]  # [N] rows from each rank
-    recv_counts: Tensor  # [N, L] rows from each rank for each local slot (device)
-    slot_totals: list[int]  # [L] rows received per local slot (host)
-    received: Optional[Tensor] = None  # [sum(recv_splits), H]
-    returned: Optional[Tensor] = None  # [n, H] expert outputs back from their ranks
+    received: Optional[Tensor] = None  # [sum(recv_splits), W] payload rows
+    returned: Optional[Tensor] = None  # [n, H] weighted expert outputs back from their ranks
     work: object = None  # the in-flight collective
 
 
@@ -94,6 +99,7 @@ class ExpertParallelMoEBlock(nn.Module):
         self.register_buffer("replica_slot", slots)  # [E, R]
         self.expert_load: Optional[list[float]] = None  # tokens per expert the placement was made from, if any
         self.last_overlap = False  # whether the last call split into micro-batches (for tests and benchmarks)
+        self.experts_backend = "auto"  # local experts: Triton grouped GEMM on CUDA, reference loop elsewhere
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -111,65 +117,64 @@ class ExpertParallelMoEBlock(nn.Module):
         logits = reference.router_logits(x, self.router_weight, self.router_bias)  # [T, E]
         weights, ids = reference.route(logits, self.correction_bias, s.top_k, s.scoring, s.renormalize, s.n_group,
                                        s.topk_group, s.routed_scaling)  # [T, K] fp32, [T, K]
-        batches = self._plan(ids.reshape(-1))
-        flat_weights = weights.reshape(-1)  # [T*K]
-        for mb in batches:  # both dispatches in flight before any expert runs
-            self._dispatch(x, flat_weights, mb)
-        for mb in batches:
-            mb.work.wait()
-            self._send_back(self._local_experts(mb), mb)  # overlaps the other micro-batch's transfer
-        out = torch.zeros(x.shape, dtype=reference.acc_dtype(x.dtype), device=x.device)  # [T, H]
-        for mb in batches:
-            mb.work.wait()
-            y = mb.returned.to(out.dtype)  # [n, H]
-            if not s.weight_on_input:
-                y = y * flat_weights[mb.rows].unsqueeze(1)
-            out.index_add_(0, mb.rows // s.top_k, y)
-        return out.to(x.dtype)
+        rank, slot = self._destinations(ids.reshape(-1))  # [T*K] each
+        returned = self._exchange_by_counts(x, rank, slot, weights.reshape(-1))  # [T*K, H] weighted outputs
+        tokens, hidden = x.shape
+        return returned.view(tokens, s.top_k, hidden).sum(dim=1, dtype=reference.acc_dtype(x.dtype)).to(x.dtype)
 
-    # -- routing plan -------------------------------------------------------------------------------------------
-    def _plan(self, flat_ids: Tensor) -> list[_MicroBatch]:
-        """Destination (rank, slot) of every routed row, the counts exchange, and the micro-batch split."""
-        n_ranks, slots, k = self.ep.size, self.placement.slots_per_rank, self.spec.top_k
+    # -- routing ------------------------------------------------------------------------------------------------
+    def _destinations(self, flat_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Rank and local slot of every routed row [T*K]; replicas of an expert share its tokens by token index."""
         rows = torch.arange(flat_ids.numel(), device=flat_ids.device)  # [T*K]
-        replica = (rows // k) % self.copies[flat_ids]  # replicas share an expert's tokens by token index
-        key = self.replica_rank[flat_ids, replica] * slots + self.replica_slot[flat_ids, replica]  # [T*K]
-        half = (flat_ids.numel() // k // 2) * k  # micro-batch boundary on a token boundary
+        replica = (rows // self.spec.top_k) % self.copies[flat_ids]
+        return self.replica_rank[flat_ids, replica], self.replica_slot[flat_ids, replica]
+
+    # -- exchange sized by counts, optional dual-batch overlap ---------------------------------------------------
+    def _exchange_by_counts(self, x: Tensor, rank: Tensor, slot: Tensor, flat_weights: Tensor) -> Tensor:
+        """x [T, H], each routed row's rank, slot and weight [T*K] -> its weighted expert output [T*K, H]."""
+        tokens, hidden = x.shape
+        batches = self._plan(rank, tokens)
+        for mb in batches:  # both dispatches in flight before any expert runs
+            self._dispatch(x, slot, flat_weights, mb)
+        for mb in batches:
+            mb.work.wait()
+            self._send_back(self._local_experts(mb.received, hidden), mb)  # overlaps the other's transfer
+        returned = x.new_empty(rank.numel(), hidden)  # [T*K, H]
+        for mb in batches:
+            mb.work.wait()
+            returned[mb.rows] = mb.returned
+        return returned
+
+    def _plan(self, rank: Tensor, tokens: int) -> list[_MicroBatch]:
+        """Rows sorted by destination rank, the counts exchange, and the micro-batch split."""
+        n_ranks, k = self.ep.size, self.spec.top_k
+        rows = torch.arange(rank.numel(), device=rank.device)  # [T*K]
+        half = (tokens // 2) * k  # micro-batch boundary on a token boundary
         half_of_row = (rows >= half).long()  # [T*K] micro-batch 0 or 1
-        counts = torch.zeros(2 * n_ranks * slots, dtype=torch.int64, device=key.device)  # scatter, not bincount:
-        counts.scatter_add_(0, half_of_row * n_ranks * slots + key, torch.ones_like(key))  # CUDA bincount syncs
-        counts = counts.view(2, n_ranks * slots)  # [2, N*L]
-        sent, received, received_dev, total_tokens = self._exchange_counts(counts, flat_ids.numel() // k)
+        counts = torch.zeros(2 * n_ranks, dtype=torch.int64, device=rank.device)  # scatter, not bincount:
+        counts.scatter_add_(0, half_of_row * n_ranks + rank, torch.ones_like(rank))  # CUDA bincount syncs
+        sent, received, total_tokens = self._exchange_counts(counts.view(2, n_ranks), tokens)
         self.last_overlap = self._use_overlap(total_tokens)
-        bounds = [(0, half), (half, key.numel())]
+        bounds = [(0, half), (half, rank.numel())]
         if not self.last_overlap:  # one batch: the two halves' counts add up
-            bounds = [(0, key.numel())]
-            sent, received, received_dev = (t.sum(0, keepdim=True) for t in (sent, received, received_dev))
-        batches = []
-        for m, (start, stop) in enumerate(bounds):
-            batches.append(_MicroBatch(
-                rows=key[start:stop].argsort(stable=True) + start,  # [n] by destination (rank, slot)
-                send_splits=sent[m].sum(1).tolist(), recv_splits=received[m].sum(1).tolist(),
-                recv_counts=received_dev[m], slot_totals=received[m].sum(0).tolist()))
-        return batches
+            bounds = [(0, rank.numel())]
+            sent, received = sent.sum(0, keepdim=True), received.sum(0, keepdim=True)
+        return [_MicroBatch(rows=rank[start:stop].argsort(stable=True) + start,  # [n] by destination rank
+                            send_splits=sent[m].tolist(), recv_splits=received[m].tolist())
+                for m, (start, stop) in enumerate(bounds)]
 
-    def _exchange_counts(self, counts: Tensor, tokens: int) -> tuple[Tensor, Tensor, Tensor, int]:
-        """All-to-all of the row counts per (micro-batch, destination slot) plus this rank's token count.
+    def _exchange_counts(self, counts: Tensor, tokens: int) -> tuple[Tensor, Tensor, int]:
+        """All-to-all of the row counts per (micro-batch, destination rank) plus this rank's token count.
 
-        Returns sent [2, N, L] and received [2, N, L] on the host, received [2, N, L] on the device, and the group's
-        total token count. The one host sync of the block: the data all-to-alls need their split sizes as host
-        integers."""
-        n_ranks, slots = self.ep.size, self.placement.slots_per_rank
-        per_rank = counts.view(2, n_ranks, slots).permute(1, 0, 2).reshape(n_ranks, 2 * slots)  # [N, 2L]
-        size = torch.full((n_ranks, 1), tokens, dtype=per_rank.dtype, device=per_rank.device)  # [N, 1]
-        send = torch.cat([per_rank, size], dim=1)  # [N, 2L+1]: row d goes to rank d
+        Returns sent [2, N] and received [2, N] on the host and the group's total token count. The one host sync
+        of the prefill path: the data all-to-alls need their split sizes as host integers."""
+        n_ranks = self.ep.size
+        size = torch.full((n_ranks, 1), tokens, dtype=counts.dtype, device=counts.device)  # [N, 1]
+        send = torch.cat([counts.t(), size], dim=1)  # [N, 3]: row d goes to rank d
         recv = torch.empty_like(send)  # row s came from rank s
         dist.all_to_all_single(recv, send, group=self.ep.group)
-        received_dev = recv[:, :-1].reshape(n_ranks, 2, slots).permute(1, 0, 2)  # [2, N, L]
         host = torch.stack([send, recv]).cpu()  # the host sync
-        sent = host[0, :, :-1].reshape(n_ranks, 2, slots).permute(1, 0, 2)  # [2, N, L]
-        received = host[1, :, :-1].reshape(n_ranks, 2, slots).permute(1, 0, 2)  # [2, N, L]
-        return sent, received, received_dev, int(host[1, :, -1].sum())
+        return host[0, :, :2].t(), host[1, :, :2].t(), int(host[1, :, 2].sum())
 
     def _use_overlap(self, total_tokens: int) -> bool:
         if self.overlap == "auto":
@@ -177,34 +182,23 @@ class ExpertParallelMoEBlock(nn.Module):
         return bool(self.overlap)
 
     # -- data movement and compute ----------------------------------------------------------------------------
-    def _dispatch(self, x: Tensor, flat_weights: Tensor, mb: _MicroBatch) -> None:
-        send = x[mb.rows // self.spec.top_k]  # [n, H]
+    def _dispatch(self, x: Tensor, slot: Tensor, flat_weights: Tensor, mb: _MicroBatch) -> None:
+        x_rows, weights = x[mb.rows // self.spec.top_k], flat_weights[mb.rows]  # [n, H], [n]
         if self.spec.weight_on_input:  # as reference.torch_experts: scale in fp32, back to the activation dtype
-            send = (send * flat_weights[mb.rows].unsqueeze(1)).to(x.dtype)
-        mb.received = x.new_empty((sum(mb.recv_splits), x.shape[1]))  # [sum(recv), H]
+            x_rows, weights = (x_rows * weights.unsqueeze(1)).to(x.dtype), torch.ones_like(weights)
+        send = payload.pack(x_rows, slot[mb.rows], weights)  # [n, W]
+        mb.received = send.new_empty((sum(mb.recv_splits), send.shape[1]))  # [sum(recv), W]
         mb.work = dist.all_to_all_single(mb.received, send, mb.recv_splits, mb.send_splits, group=self.ep.group,
                                          async_op=True)
 
-    def _local_experts(self, mb: _MicroBatch) -> Tensor:
-        """[m, H] received rows, grouped by source rank then slot -> unweighted expert outputs [m, H], same order."""
-        received, slots = mb.received, self.placement.slots_per_rank
-        pattern = torch.arange(slots, device=received.device).repeat(self.ep.size)  # [N*L]
-        slot_of_row = pattern.repeat_interleave(mb.recv_counts.reshape(-1), output_size=received.shape[0])  # [m]
-        order = slot_of_row.argsort(stable=True)  # rows grouped by local slot
-        xs = received[order]  # [m, H]
-        outputs, start = [], 0
-        for slot, count in enumerate(mb.slot_totals):
-            if count == 0:
-                continue
-            b13 = None if self.b13 is None else self.b13[slot]
-            b2 = None if self.b2 is None else self.b2[slot]
-            outputs.append(reference.expert_forward(xs[start:start + count], self.w13[slot], self.w2[slot], b13, b2,
-                                                    self.spec.activation, self.spec.alpha, self.spec.limit))
-            start += count
-        y = torch.empty_like(received)  # [m, H]
-        if outputs:
-            y[order] = torch.cat(outputs)
-        return y
+    def _local_experts(self, received: Tensor, hidden: int) -> Tensor:
+        """Received payload rows [m, W] -> weighted expert outputs [m, H], same order.
+
+        One grouped-GEMM call over all local slots (`experts_for_rows`: Triton on CUDA), the routing weight
+        applied in fp32 in its epilogue."""
+        x, slots, weights = payload.read(received, hidden)
+        return experts_for_rows(x, weights.unsqueeze(1), slots.unsqueeze(1), self.w13, self.w2, self.b13, self.b2,
+                                False, self.spec.activation, self.spec.alpha, self.spec.limit, self.experts_backend)
 
     def _send_back(self, y: Tensor, mb: _MicroBatch) -> None:
         mb.returned = y.new_empty((mb.rows.numel(), y.shape[1]))  # [n, H]

@@ -4,6 +4,12 @@ threshold, and record the measurements in `model.moe_compile.quality`.
 Each step is measured against the model before that step (2:4 first, then FP8 on top, as the design orders them):
 `increase = ppl / ppl_base - 1`; above the threshold the step is undone. Without calibration text the gate cannot
 measure: a feature forced on is then applied ungated and the record says so.
+
+FP8 weight scales (`fp8_calibration`): "auto" calibrates with NVIDIA ModelOpt when it is installed (its max
+algorithm, `moe_compile.quant.modelopt_calib`) and otherwise logs how to install it and uses the built-in max
+calibration; "modelopt" (max) and "modelopt-mse" (MSE-searched weight amax) require ModelOpt; "max" is the built-in
+one. The method is recorded in `quality["fp8"]["calibration"]`. If anything fails, every step applied so far is
+undone.
 """
 
 from __future__ import annotations
@@ -22,13 +28,43 @@ log = logging.getLogger("moe_compile")
 
 DEFAULT_THRESHOLDS = {"fp8": 0.01, "sparsity_24": 0.05}  # largest accepted relative perplexity increase
 CALIBRATION_MAX_BYTES = 16384
+FP8_CALIBRATIONS = ("auto", "modelopt", "modelopt-mse", "max")  # ModelOpt's max / mse algorithm; built-in max
 
 
-def _passes() -> list[tuple[str, Callable[[nn.Module], ModulePassResult]]]:
+def fp8_weight_scales(model: nn.Module, ids: Optional[torch.Tensor], mode: str
+                      ) -> tuple[Optional[dict], dict[str, Any]]:
+    """(per-block scales for `quantize_fp8`, or None for its built-in max; the calibration record)."""
+    from moe_compile.errors import MissingDependencyError
+    from moe_compile.quant import modelopt_calib
+
+    if mode not in FP8_CALIBRATIONS:
+        raise ValueError(f"fp8_calibration={mode!r} is not one of {FP8_CALIBRATIONS}")
+    if mode == "max":
+        return None, {"method": "max", "algorithm": "max"}
+    try:
+        modelopt_calib.import_mtq()
+    except MissingDependencyError:
+        if mode != "auto":
+            raise
+        log.warning("moe_compile: nvidia-modelopt is not installed, so FP8 weight scales use the built-in max "
+                    "calibration; for ModelOpt calibration: %s", modelopt_calib.INSTALL_HINT)
+        return None, {"method": "max", "algorithm": "max", "reason": f"nvidia-modelopt missing: "
+                                                                    f"{modelopt_calib.INSTALL_HINT}"}
+    algorithm = "mse" if mode == "modelopt-mse" else "max"
+    calibration = modelopt_calib.calibrate_fp8(model, ids, algorithm)
+    return calibration.scales, calibration.record()
+
+
+def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str, dict]
+            ) -> list[tuple[str, Callable[[nn.Module], ModulePassResult]]]:
     from moe_compile.passes.quantize_fp8 import quantize_fp8
     from moe_compile.passes.sparsify_24 import sparsify_24
 
-    return [("sparsity_24", sparsify_24), ("fp8", quantize_fp8)]  # prune dense weights, then quantize kept values
+    def fp8(model: nn.Module) -> ModulePassResult:
+        scales, records["fp8"] = fp8_weight_scales(model, ids, fp8_calibration)  # reads the model, changes nothing
+        return quantize_fp8(model, scales)
+
+    return [("sparsity_24", sparsify_24), ("fp8", fp8)]  # prune dense weights, then quantize kept values
 
 
 def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor]:
@@ -52,28 +88,46 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 
 
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
-                        thresholds: Optional[dict[str, float]] = None) -> list[ModulePassResult]:
-    """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`)."""
-    from moe_compile.quality.eval import perplexity
-
-    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    wanted = [(name, run) for name, run in _passes() if enabled.get(name)]
-    if not wanted:
+                        thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto"
+                        ) -> list[ModulePassResult]:
+    """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
+    the passes applied so far are undone before it propagates."""
+    if not any(enabled.get(name) for name in DEFAULT_THRESHOLDS):
         return []
     if not any(isinstance(m, FusedMoEBlock) for m in model.modules()):
-        for name, _ in wanted:
-            result.features[name] = False
-            result.unavailable[name] = "no fused MoE block to apply it to"
+        for name in DEFAULT_THRESHOLDS:
+            if enabled.get(name):
+                result.features[name] = False
+                result.unavailable[name] = "no fused MoE block to apply it to"
         return []
     ids = calibration_ids(model, calibration)
+    ran: list[tuple[str, ModulePassResult]] = []
+    try:
+        _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran)
+    except BaseException:
+        for _, outcome in reversed(ran):
+            outcome.undo()  # a no-op for a step the gate already rolled back
+        raise
+    return [outcome for name, outcome in ran if result.quality[name]["applied"]]
+
+
+def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Optional[torch.Tensor],
+               limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]]) -> None:
+    """The gate's loop; appends every pass it runs to `ran` at once (for the caller's undo on an error)."""
+    from moe_compile.quality.eval import perplexity
+
+    records: dict[str, dict] = {}
+    wanted = [(name, run) for name, run in _passes(ids, fp8_calibration, records) if enabled.get(name)]
     base = None if ids is None else perplexity(model, text=ids)
-    applied = []
     for name, run in wanted:
         outcome = run(model)
+        ran.append((name, outcome))
         pass_name = outcome.name
         record: dict[str, Any] = {"blocks": outcome.count, "threshold": limits[name]}
         if outcome.skipped:
             record["skipped"] = dict(outcome.skipped)
+        if name in records:
+            record["calibration"] = records[name]
         if ids is None:
             record.update(applied=outcome.count > 0, gated=False,
                           reason="no calibration text: quality not measured (pass calibration_text=...)")
@@ -94,7 +148,5 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
                 base = ppl
         result.quality[name] = record
         if record["applied"]:
-            applied.append(outcome)
             result.passes.append(pass_name)
             result.pass_counts[pass_name] = outcome.count
-    return applied

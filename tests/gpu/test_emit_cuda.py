@@ -62,3 +62,71 @@ def test_balanced_forward_with_changing_token_counts():
         with torch.no_grad():
             logits = model(ids).logits
         assert logits.shape == (2, tokens, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def _decode_graphs(model):
+    from moe_compile.emit.generate import decode_graphs
+
+    return decode_graphs(model)
+
+
+def test_batches_share_bucketed_decode_graphs():
+    """Batches 1, 5 and 3 run as buckets 1, 8 and 4: the original model's greedy tokens for 32 steps, one captured
+    decode graph per bucket, and a following batch of 3 reuses bucket 4 (no compile, no capture).
+    fp32: in bf16 one row of batch 3 left the original's tokens after ~22 steps (H100, transformers 5.17), the
+    static-vs-dynamic-cache rounding of test_balanced_generate_left_padding_and_sampling. The repeat follows at
+    once: transformers keeps one static cache, and a new one (another bucket) recompiles the decode step."""
+    from moe_compile.counters import counters
+
+    model = _model(dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    prompts = {batch: torch.randint(1, 128, (batch, 8), generator=generator).cuda() for batch in (1, 5, 3)}
+    expected = {batch: model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+                for batch, ids in prompts.items()}
+    mc.optimize(model, "balanced")
+    assert model.moe_compile.features["specialize_phase"], model.moe_compile.unavailable
+    for batch, ids in prompts.items():
+        actual = model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        assert torch.equal(actual, expected[batch]), f"batch {batch}"
+    graphs = _decode_graphs(model)
+    assert graphs.captured_buckets == [1, 4, 8]  # number of captured graphs == number of buckets used
+    assert sorted(graphs.first_step_s) == [1, 4, 8]
+    recorded, compiled = dict(graphs.recorded), dict(graphs.compiled)
+    again = model.generate(prompts[3].flip(0), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    assert torch.equal(again, expected[3].flip(0))
+    assert dict(graphs.recorded) == recorded and dict(graphs.compiled) == compiled  # bucket 4 replayed
+    pinned = {k: v for k, v in counters["moe_compile"].items() if k.startswith("specialize_phase.")}
+    assert pinned and all(k.startswith("specialize_phase.decode.") for k in pinned), pinned
+
+
+def test_bucketed_generate_sampling_eos_and_left_padding():
+    """fp32 (see test_balanced_generate_left_padding_and_sampling): batch 3 (bucket 4) with left padding gives the
+    original model's greedy tokens; eos stops it as it stops the original; seeded sampling runs."""
+    model = _model(dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6], [0, 9, 10, 11, 12, 13]], device="cuda")
+    mask = (ids != 0).long()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    same = ids[1:2].repeat(3, 1)  # identical rows finish on the same eos step
+    eos = int(model.generate(same[:1], max_new_tokens=4, do_sample=False)[0, -1])
+    expected_eos = model.generate(same, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    assert expected_eos.shape[1] < same.shape[1] + 12  # eos ended the original early
+    mc.optimize(model, "balanced")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False), expected)
+    assert torch.equal(model.generate(same, max_new_tokens=12, do_sample=False, eos_token_id=eos), expected_eos)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20)
+    assert sampled.shape == (3, 6 + 12) and int(sampled.max()) < model.config.vocab_size
+    assert _decode_graphs(model).captured_buckets == [4]
+
+
+def test_undo_restores_generate():
+    from moe_compile.emit.generate import disable_cuda_graph_decode
+
+    model = _model()
+    original = model.generate
+    mc.optimize(model, "balanced")
+    assert model.generate != original
+    disable_cuda_graph_decode(model)
+    assert model.generate == original and "get_compiled_call" not in model.__dict__
+    assert model.generation_config.cache_implementation is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from tests.parallel.workers import equality_worker, failing_worker, free_port, run_workers
+from tests.parallel.workers import equality_worker, failing_worker, free_port, packed_worker, run_workers
 
 FP32_ATOL = 1e-5
 FAMILIES = ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-gpt-oss", "tiny-mixtral"]  # plain, shared+grouped,
@@ -69,8 +69,36 @@ def test_generate_in_lockstep_matches(results_2):
     assert all(r[f"{FAMILIES[0]}/generate"] for r in results_2)
 
 
+def test_sharded_export_gathers_experts_and_saves_placement(results_2):
+    """Every rank exported at once; rank 0 wrote the gathered model. Loaded in one process it equals the original
+    model, and its manifest gives back the placement the ranks used."""
+    import torch
+
+    import moe_compile as mc
+    from moe_compile.models import build_tiny_model
+    from moe_compile.parallel import saved_placement
+
+    record = results_2[0][f"{FAMILIES[0]}/export"]
+    assert all(r[f"{FAMILIES[0]}/export"]["path"] == record["path"] for r in results_2)
+    loaded = mc.load(record["path"])
+    original = build_tiny_model(FAMILIES[0])
+    input_ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(input_ids).logits - original(input_ids).logits).abs().max().item() <= FP32_ATOL
+    placements = {name: p.to_dict() for name, p in saved_placement(loaded).items()}
+    assert placements == record["placement"] and len(placements) == len(loaded.moe_compile.fused)
+    for per_rank in results_2:  # each rank loaded the checkpoint and sharded it again with the saved placement
+        again = per_rank[f"{FAMILIES[0]}/export"]
+        assert again["resharded_same"] and all(again["resharded_same"].values())
+        assert again["resharded_vs_parallel"] <= FP32_ATOL
+
+
 def test_rank_failing_before_init_is_an_error_not_a_hang():
     start = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="worker 1 failed before init_process_group"):
         run_workers(failing_worker, 2, free_port(), deadline_s=45)
     assert time.monotonic() - start < 45
+
+
+def test_packed_experts_are_refused_and_the_model_is_left_as_it_was():
+    run_workers(packed_worker, 2, free_port())

@@ -98,8 +98,27 @@ def equality_worker(rank: int, world: int, port: int, out_dir: str, cases: list)
         }
         if mode == "contiguous" and name == cases[0][0]:  # decode path: lockstep greedy generate, same lengths
             results[f"{name}/generate"] = _same_generation(single, parallel, rank)
+        if mode == "balanced" and name == cases[0][0]:  # export is a collective: rank 0 writes the gathered model
+            path = mc.export(parallel, Path(out_dir, f"export-{name}"))
+            placement = {n: b.placement.to_dict() for n, b in parallel.named_modules()
+                         if isinstance(b, ExpertParallelMoEBlock)}
+            resharded = _reshard(path, dist_world())  # load, shard again with the saved placement
+            same = {n: b.placement.to_dict() == placement[n] for n, b in resharded.named_modules()
+                    if isinstance(b, ExpertParallelMoEBlock)}
+            error = (_logits(resharded, input_ids) - got).abs().max().item()
+            results[f"{name}/export"] = {"path": str(path), "placement": placement, "resharded_same": same,
+                                         "resharded_vs_parallel": error}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _reshard(path, world: int):
+    import moe_compile as mc
+    from moe_compile.parallel import ExpertParallelConfig, saved_placement
+
+    model = mc.load(path)
+    return mc.optimize(model, profile="conservative",
+                       expert_parallel=ExpertParallelConfig(world, placement=saved_placement(model)))
 
 
 def _same_generation(single, parallel, rank: int) -> bool:
@@ -118,3 +137,24 @@ def failing_worker(rank: int, world: int, port: int) -> None:
     from moe_compile.models import build_tiny_model
 
     mc.optimize(build_tiny_model("tiny-mixtral"), profile="conservative", expert_parallel=world)
+
+
+def packed_worker(rank: int, world: int, port: int) -> None:
+    """FP8 experts cannot be sharded: optimize raises, and the model is left as it was (dense, unfused)."""
+    torchrun_env(rank, world, port)
+    import moe_compile as mc
+    from moe_compile.fused_block import FusedMoEBlock
+    from moe_compile.models import build_tiny_model
+
+    model = build_tiny_model("tiny-qwen3-moe")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    try:
+        mc.optimize(model, profile="conservative", fp8=True, expert_parallel=world, verify=False)
+    except ValueError as exc:
+        assert "packed" in str(exc) and "without fp8" in str(exc), exc
+    else:
+        raise AssertionError("expert parallelism over FP8 packed experts did not raise")
+    assert not any(isinstance(m, FusedMoEBlock) for m in model.modules())
+    assert torch.equal(_logits(model, ids), before)
+    dist.destroy_process_group()

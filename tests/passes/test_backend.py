@@ -84,8 +84,9 @@ def test_select_backend_and_dump_dir_options(optimized, tmp_path):
     assert counters["moe_compile"]["select_backend"] == 2  # both MoE layers pinned
     assert relative_error(actual, expected) <= TOLERANCES[torch.float32]
     files = sorted(p.name for p in (tmp_path / "graph_000").iterdir())  # one folder per captured graph
-    assert files == ["00_input.py", "01_annotate_moe.py", "02_select_backend.py", "03_cleanup.py"]
-    after = (tmp_path / "graph_000" / "03_cleanup.py").read_text()
+    assert files == ["00_input.py", "01_annotate_moe.py", "02_select_backend.py", "03_specialize_phase.py",
+                     "04_cleanup.py"]
+    after = (tmp_path / "graph_000" / "04_cleanup.py").read_text()
     assert after.count("moe_compile.fused_moe") >= 2 and "'reference'" in after
 
 

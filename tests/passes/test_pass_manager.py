@@ -59,7 +59,7 @@ def _trace(module: nn.Module) -> torch.fx.GraphModule:
 
 
 def test_default_pipeline_order_is_valid():
-    assert [p.name for p in DEFAULT_PIPELINE] == ["annotate_moe", "select_backend", "cleanup"]
+    assert [p.name for p in DEFAULT_PIPELINE] == ["annotate_moe", "select_backend", "specialize_phase", "cleanup"]
     PassManager(list(DEFAULT_PIPELINE))  # no PassOrderError
 
 
@@ -140,8 +140,9 @@ def test_negative_pipeline_counts_zero():
 def test_dump_dir_writes_one_file_per_pass(tmp_path):
     PassManager(list(DEFAULT_PIPELINE), dump_dir=str(tmp_path))(_trace(TwoMoELayers()))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["00_input.py", "01_annotate_moe.py", "02_select_backend.py", "03_cleanup.py"]
-    assert "fused_moe" in (tmp_path / "03_cleanup.py").read_text()
+    assert files == ["00_input.py", "01_annotate_moe.py", "02_select_backend.py", "03_specialize_phase.py",
+                     "04_cleanup.py"]
+    assert "fused_moe" in (tmp_path / "04_cleanup.py").read_text()
 
 
 def test_dump_env_variable(tmp_path, monkeypatch):

@@ -1,0 +1,316 @@
+"""The `cuda` backend of `fused_moe`: csrc/moe_decode.cu, one persistent launch per MoE layer at decode sizes.
+
+Router logits, routing, gate_up, activation, down and the combine all run in that one launch (no host
+synchronisation, so CUDA graphs capture it and replay it correctly when the routing changes). Decode sizes are
+T <= 16 tokens, top_k <= 16, E <= 512, bf16 or fp16; any other case runs the `triton` backend (logged once at debug
+level), and without triton raises `UnsupportedByCuda` naming the fallback.
+
+Experimental: importing it raises ImportError unless MOE_COMPILE_CUDA_BACKEND=1 (csrc/NOTES.md says why), so
+`auto` keeps using triton. When enabled, the kernel is compiled with nvcc for sm_90a on first import on a Hopper
+GPU and cached under $MOE_COMPILE_CACHE or ~/.cache/moe_compile (keyed by the sources, the flags and nvcc's
+version), then called through a C ABI with ctypes: no torch headers, so no rebuild per torch version. Importing
+this module raises ImportError, cheaply, without a CUDA device, on a GPU other than sm_90, or when nvcc is
+missing or the build fails; backends.py records the reason and `auto` uses triton.
+
+Dimension legend: T = tokens, E = experts, K = top_k, H = hidden, I = expert intermediate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ENABLE_ENV = "MOE_COMPILE_CUDA_BACKEND"
+if not torch.cuda.is_available():
+    raise ImportError("the cuda backend needs a CUDA device (none visible)")
+if os.environ.get(ENABLE_ENV) != "1":  # cheap: nothing is built unless asked for
+    raise ImportError(f"the cuda backend is experimental and off by default (first H100 measurements: slower than "
+                      f"triton; one odd-shape case unresolved, see csrc/NOTES.md); set {ENABLE_ENV}=1 to build and "
+                      f"register it")
+
+from moe_compile.kernels.op import BackendUnsupported, register_backend  # noqa: E402
+
+log = logging.getLogger("moe_compile")
+
+SOURCES = ("moe_decode.cu", "moe_decode_common.cuh", "moe_decode_routing.cuh")
+NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a"]
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
+_INT32_MAX = 2**31 - 1
+
+
+class UnsupportedByCuda(BackendUnsupported):
+    """A case outside the cuda kernel's limits when the triton backend is not there to take it."""
+
+
+def _source_dir() -> Path:
+    """csrc/ beside the package when installed (package data), else at the root of the source tree."""
+    here = Path(__file__).resolve().parent.parent  # .../moe_compile
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    raise ImportError(f"the cuda backend's sources ({SOURCES[0]}) are missing from this install")
+
+
+def _find_nvcc() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [os.path.join(CUDA_HOME, "bin", "nvcc")] if CUDA_HOME else []
+    candidates.append(shutil.which("nvcc") or "")
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    raise ImportError("the cuda backend is built on first use with nvcc, which was not found: install the CUDA "
+                      "toolkit (or set CUDA_HOME); the triton backend runs meanwhile")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOE_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe_compile")
+    return Path(root) / "cuda_moe"
+
+
+def build_library(defines: tuple[str, ...] = ()) -> Path:
+    """Compile csrc/moe_decode.cu into a shared library once per (sources, flags, nvcc); returns its path.
+    defines: tuning macros of moe_decode.cu ("MOE_UNROLL=2", ...); $MOE_COMPILE_CUDA_DEFINES (space-separated)
+    adds to them."""
+    flags = NVCC_FLAGS + [f"-D{d}" for d in (*defines, *os.environ.get("MOE_COMPILE_CUDA_DEFINES", "").split())]
+    src = _source_dir()
+    nvcc = _find_nvcc()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((src / name).read_bytes())
+    digest.update(" ".join(flags).encode() + version.encode())
+    target = _cache_dir() / f"moe_decode_{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the cuda fused_moe kernel (once, cached in %s)", target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([nvcc, *flags, "-o", str(out), str(src / SOURCES[0])],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            raise ImportError(f"building the cuda backend with {nvcc} failed (the triton backend runs "
+                              f"instead):\n{tail}")
+        os.replace(out, target)  # atomic: concurrent builders each publish a complete file
+    return target
+
+
+def _check_device() -> None:
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        raise ImportError(f"the cuda backend is written for Hopper (sm_90a); this GPU is sm_{major}{minor}")
+
+
+class MoeArgs(ctypes.Structure):
+    """Mirror of moe::MoeArgs (csrc/moe_decode_common.cuh): every field 8 bytes."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "x", "router_w", "router_b", "corr", "w13", "w2", "b13", "b2", "out", "acc", "logits", "sync",
+        "route_ids", "route_weights", "timing")] + [(name, ctypes.c_int64) for name in (
+            "T", "E", "K", "H", "I", "gated", "x_dtype", "router_dtype", "corr_dtype", "scoring", "renormalize",
+            "n_group", "topk_group", "weight_on_input", "activation")] + [
+        (name, ctypes.c_double) for name in ("routed_scaling", "alpha", "limit")]
+
+
+def load_library(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (cached) and load the kernel library; `defines` select tuning variants (benchmarks)."""
+    _check_device()
+    lib = ctypes.CDLL(str(build_library(defines)))
+    lib.moe_decode_launch.restype = ctypes.c_char_p
+    lib.moe_decode_launch.argtypes = [ctypes.POINTER(MoeArgs), ctypes.c_void_p, ctypes.c_int]
+    lib.moe_decode_limit.restype = ctypes.c_int
+    lib.moe_decode_limit.argtypes = [ctypes.c_int]
+    if lib.moe_decode_limit(3) != ctypes.sizeof(MoeArgs):
+        raise ImportError("csrc/moe_decode_common.cuh and cuda_moe.MoeArgs disagree on the argument layout")
+    return lib
+
+
+_LIB = load_library()
+MAX_TOKENS, MAX_TOP_K, MAX_EXPERTS, _, TIME_POINTS = (_LIB.moe_decode_limit(i) for i in range(5))
+FALLBACK = "use fused_moe(..., backend='triton') or backend='reference'"
+
+
+class _Workspace:
+    """Per (device, stream): the barrier/done counters and the logits accumulator, which the kernel leaves zeroed
+    after every launch. Per stream so that launches on different streams never share counters."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.zeros(4, dtype=torch.int32, device=device)
+        self.logits = torch.zeros(MAX_TOKENS * MAX_EXPERTS, dtype=torch.float32, device=device)
+
+
+_WORKSPACES: dict[tuple[int, int], _Workspace] = {}
+_LOCK = threading.Lock()
+_LOGGED: set[str] = set()
+
+
+def _workspace(device: torch.device, stream: int) -> _Workspace:
+    key = (device.index or 0, stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        with _LOCK:
+            ws = _WORKSPACES.setdefault(key, _Workspace(device))
+    return ws
+
+
+def unsupported_reason(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor],
+                       correction_bias: Optional[Tensor], w13: Tensor, w2: Tensor, b13: Optional[Tensor],
+                       b2: Optional[Tensor], top_k: int, n_group: int, topk_group: int, activation: str) -> str:
+    """Why the kernel cannot run this case ('' when it can). Every real limit, checked before any launch."""
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        return f"x must be [T, H] and expert weights 3-D, got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}"
+    tokens, hidden = x.shape
+    experts, _, inter = w2.shape
+    problems = []
+    if not x.is_cuda or not _is_hopper(x.device.index or 0):
+        problems.append(f"device {x.device} is not a Hopper GPU")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        problems.append(f"dtype {x.dtype} (kernel: bf16, fp16)")
+    if any(t is not None and t.dtype != x.dtype for t in (w13, w2, b13, b2)):
+        problems.append("expert weights and biases must have x's dtype")
+    if router_weight.dtype not in (x.dtype, torch.float32):
+        problems.append(f"router dtype {router_weight.dtype} (kernel: x's dtype or fp32)")
+    if correction_bias is not None and correction_bias.dtype not in _DTYPE_CODES:
+        problems.append(f"correction bias dtype {correction_bias.dtype}")
+    if tokens > MAX_TOKENS:
+        problems.append(f"{tokens} tokens (decode kernel: <= {MAX_TOKENS})")
+    if top_k > MAX_TOP_K or experts > MAX_EXPERTS:
+        problems.append(f"top_k {top_k} / {experts} experts (kernel: <= {MAX_TOP_K} / <= {MAX_EXPERTS})")
+    if n_group > 1 and topk_group < n_group and (experts % n_group or top_k > topk_group * (experts // n_group)):
+        problems.append(f"grouped top-k with {n_group} groups, {topk_group} kept, top_k {top_k}")
+    if activation not in _ACTIVATIONS:
+        problems.append(f"activation {activation!r}")
+    if w13.shape[1] not in (inter, 2 * inter) or w13.shape[2] != hidden or w2.shape[1] != hidden:
+        problems.append(f"weight shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} for H={hidden}, I={inter}")
+    if w13.shape[1] * hidden > _INT32_MAX or hidden * inter > _INT32_MAX:
+        problems.append("one expert's weights exceed 2^31 elements")
+    tensors = (router_weight, router_bias, correction_bias, w13, w2, b13, b2)
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        problems.append("router / expert tensors must be contiguous")
+    return "; ".join(problems)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _aligned(*tensors: Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def cuda_fused_moe(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """Same contract as `reference.torch_fused_moe`: [T, H] -> [T, H] in x's dtype."""
+    args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize, n_group,
+            topk_group, routed_scaling, weight_on_input, activation, alpha, limit)
+    reason = unsupported_reason(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, n_group,
+                                topk_group, activation)
+    if reason:
+        return _delegate(reason, args)
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    return launch(*args)[0]
+
+
+def _delegate(reason: str, args: tuple) -> Tensor:
+    """Shapes and variants beyond the decode kernel run the triton backend (logged once per reason)."""
+    try:
+        from moe_compile.kernels.triton_moe import triton_fused_moe
+    except ImportError as exc:
+        raise UnsupportedByCuda(f"cuda fused_moe cannot run this case: {reason}; the triton backend is unavailable "
+                                f"({exc}). {FALLBACK}") from exc
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.debug("fused_moe cuda backend: %s; running the triton backend", reason)
+    return triton_fused_moe(*args)
+
+
+def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize, n_group,
+           topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
+           with_routing: bool = False, timing: Optional[Tensor] = None,
+           lib: Optional[ctypes.CDLL] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One kernel launch for a supported case -> (out [T, H], and with_routing: expert ids [T, K] int32 and
+    weights [T, K] fp32 as the kernel selected them, for tests). timing: int64 [G, TIME_POINTS] to receive each
+    CTA's %globaltimer at the phase boundaries; lib: a variant from load_library (benchmarks)."""
+    tokens, hidden = x.shape
+    experts, _, inter = w2.shape
+    x = x.contiguous()
+    if router_bias is not None:
+        router_bias = router_bias.to(router_weight.dtype).contiguous()  # as reference.router_logits
+    device = x.device
+    stream = torch.cuda.current_stream(device).cuda_stream
+    ws = _workspace(device, stream)
+    out = torch.empty_like(x)
+    acc = torch.empty(tokens, hidden, dtype=torch.float32, device=device)
+    ids = weights = None
+    if with_routing:
+        ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+        weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+
+    def ptr(t: Optional[Tensor]) -> Optional[int]:
+        return None if t is None else t.data_ptr()
+
+    grouped = n_group > 1 and topk_group < n_group
+    a = MoeArgs(
+        x=ptr(x), router_w=ptr(router_weight), router_b=ptr(router_bias), corr=ptr(correction_bias), w13=ptr(w13),
+        w2=ptr(w2), b13=ptr(b13), b2=ptr(b2), out=ptr(out), acc=ptr(acc), logits=ptr(ws.logits), sync=ptr(ws.sync),
+        route_ids=ptr(ids), route_weights=ptr(weights), timing=ptr(timing),
+        T=tokens, E=experts, K=top_k, H=hidden, I=inter, gated=int(w13.shape[1] == 2 * inter),
+        x_dtype=_DTYPE_CODES[x.dtype], router_dtype=_DTYPE_CODES[router_weight.dtype],
+        corr_dtype=_DTYPE_CODES[correction_bias.dtype] if correction_bias is not None else 2,
+        scoring=0 if scoring == "softmax" else 1, renormalize=int(renormalize),
+        n_group=n_group if grouped else 1, topk_group=topk_group if grouped else 1,
+        weight_on_input=int(weight_on_input), activation=_ACTIVATIONS[activation],
+        routed_scaling=float(routed_scaling), alpha=float(alpha), limit=float(limit),
+    )
+    vec = int(hidden % 8 == 0 and inter % 8 == 0 and _aligned(x, router_weight, w13, w2))
+    with torch.cuda.device(device):
+        error = (lib or _LIB).moe_decode_launch(ctypes.byref(a), ctypes.c_void_p(stream), vec)
+    if error is not None:
+        raise RuntimeError(f"cuda fused_moe: {error.decode()}")
+    return out, ids, weights
+
+
+def barrier_timed_out(device: Optional[torch.device] = None) -> bool:
+    """Whether a launch on this device and stream ever waited past the grid barrier's timeout (a bug: the kernel
+    then carries on with wrong results rather than hang). Synchronises; for tests."""
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    return bool(_workspace(device, torch.cuda.current_stream(device).cuda_stream).sync[3].item())
+
+
+register_backend("cuda", cuda_fused_moe)
