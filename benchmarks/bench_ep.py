@@ -13,7 +13,9 @@ Rows (one CSV per run, appended columns card/date/commit):
   e2e    a Mixtral-8x7B-shaped model (H 4096, I 14336, 8 experts, top-2; `--e2e-layers` of its 32 layers, 8 by
          default so one GPU holds the baseline) in bf16, `optimize(profile="conservative")` with and without
          `expert_parallel=N`: prefill tokens/s and per-step decode latency through `generate` (every rank decodes
-         the same number of steps: EP ranks run in lockstep).
+         the same number of steps: EP ranks run in lockstep). Where the bf16 model does not fit one GPU (32
+         layers: 93 GB) there is no one-GPU row, and the EP model is built layer by layer, each layer sharded as
+         soon as it exists (layerwise.py), so no rank ever holds more than one layer's full experts.
 Times: median over iterations of the slowest rank (all-reduce MAX), synchronised before and after each call.
 Group throughput = N * T / time; `tokens_per_s` is per GPU so one GPU and N GPUs compare directly.
 
@@ -237,13 +239,28 @@ def bench_e2e(args, ep: EPGroup, device: torch.device, dtype: torch.dtype, meta:
     return rows
 
 
+def _build_sharded_mixtral(args, device: torch.device, dtype: torch.dtype, ranks: int):
+    """All layers, sharded as they are built (layerwise.py): a model that does not fit one GPU fits N."""
+    import moe_compile as mc
+    from layerwise import build_layerwise
+    from transformers import MixtralConfig
+
+    def shard(index: int, layer: torch.nn.Module) -> None:
+        mc.optimize(layer, profile="conservative", verify=False, expert_parallel=ranks)
+
+    return build_layerwise(MixtralConfig(**MIXTRAL, num_hidden_layers=args.e2e_layers), device, dtype, shard)
+
+
 @torch.no_grad()
 def _bench_model(ranks: int, name: str, prompt: torch.Tensor, args, ep: EPGroup, device: torch.device,
                  dtype: torch.dtype, meta: dict) -> list[Row]:
     import moe_compile as mc
 
-    model = _build_mixtral(args, device, dtype)
-    mc.optimize(model, profile="conservative", verify=False, **({"expert_parallel": ranks} if ranks > 1 else {}))
+    if ranks > 1 and not args.smoke and not _fits(2 * 46_700_000_000 * args.e2e_layers // 32, device):
+        model = _build_sharded_mixtral(args, device, dtype, ranks)
+    else:
+        model = _build_mixtral(args, device, dtype)
+        mc.optimize(model, profile="conservative", verify=False, **({"expert_parallel": ranks} if ranks > 1 else {}))
     label = "single/conservative" if ranks == 1 else "ep/contiguous/overlap-auto"
     us = time_us(lambda: model(prompt), device, args.iters, args.warmup, ep.group)
     rows = [Row("e2e-prefill", name, ranks, prompt.numel(), label, us, 1e6 * prompt.numel() / us, **meta)]
@@ -330,6 +347,7 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-layers", action="store_true", help="the end-to-end rows only")
     parser.add_argument("--trace", default=None, metavar="T1,T2",
                         help="also profile the first shape's balanced EP block at these tokens per rank (torch "
                              "profiler, rank 0): the op table goes to ep_trace_*.txt beside the CSV")
@@ -358,7 +376,7 @@ def main(argv=None) -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     ep = make_ep_group(dist.get_world_size(), device)
     meta = run_meta(device)
-    rows = bench_layers(args, ep, device, dtype, meta)
+    rows = [] if args.skip_layers else bench_layers(args, ep, device, dtype, meta)
     if args.trace:
         trace_block(args, ep, device, dtype, meta)
     if not args.skip_e2e:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
+from layerwise import build_layerwise  # noqa: E402
 
 import moe_compile as mc  # noqa: E402
 from moe_compile.fused_block import FusedMoEBlock  # noqa: E402
@@ -56,50 +57,17 @@ class Row:
     expert_format: str
 
 
-def _init_(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Random weights for a module materialised from the meta device (transformers' init would be slower)."""
-    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        if tensor.is_floating_point():
-            if "norm" in type(module).__name__.lower() or name == "bias":
-                tensor.data.fill_(1.0 if "norm" in type(module).__name__.lower() else 0.0)
-            else:
-                tensor.data.normal_(0.0, std)
-
-
 def build_fp8_model(config_kwargs: dict, layers: int, device: torch.device, dtype: torch.dtype):
     """The model on `device` with every MoE block fused and in FP8, one decoder layer at a time."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers import MixtralConfig
 
-    config = MixtralConfig(**config_kwargs, num_hidden_layers=layers)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    decoder = model.model.layers
-    for child_name, child in model.named_children():  # embeddings, final norm, lm_head; layers below
-        if child is not model.model:
-            _materialise(child, device)
-    for name, child in model.model.named_children():
-        if name != "layers":
-            _materialise(child, device)
-    rotary = getattr(model.model, "rotary_emb", None)
-    if rotary is not None:  # its inverse frequencies are computed, not random: rebuild the module on the device
-        with torch.device(device):
-            model.model.rotary_emb = type(rotary)(config=config)
-    for index, layer in enumerate(decoder):
-        _materialise(layer, device)
+    def to_fp8(index: int, layer: torch.nn.Module) -> None:
         mc.optimize(layer, profile="conservative", fp8=True, verify=True)  # this layer's experts -> FP8 now
         fused = [m for m in layer.modules() if isinstance(m, FusedMoEBlock)]
         if len(fused) != 1 or fused[0].packed is None:
             raise RuntimeError(f"layer {index}: expected one FP8 fused MoE block, got {layer.moe_compile}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return model.eval()
 
-
-def _materialise(module: torch.nn.Module, device: torch.device) -> None:
-    module.to_empty(device=device)
-    for sub in module.modules():
-        _init_(sub)
+    return build_layerwise(MixtralConfig(**config_kwargs, num_hidden_layers=layers), device, dtype, to_fp8)
 
 
 def _weights_gb(model: torch.nn.Module) -> float:
