@@ -16,7 +16,7 @@ def test_pack_then_read_round_trips(dtype, hidden):
     slots = torch.tensor([0, 3, 7, 2**20, 1])
     weights = torch.tensor([0.125, 1e-30, 3.4e38, -2.5, float("nan")])  # bits that would not survive a cast
     packed = payload.pack(x, slots, weights)
-    assert packed.dtype == dtype and (packed.shape[1] * packed.element_size()) % 16 == 0
+    assert packed.dtype == dtype and packed.shape[1] % 16 == 0 and packed.stride(0) % 16 == 0
     got_x, got_slots, got_weights = payload.read(packed.clone(), hidden)  # a copy: what all-to-all delivers
     assert torch.equal(got_x, x) and torch.equal(got_slots, slots)
     assert torch.equal(got_weights.view(torch.int32), weights.view(torch.int32))
