@@ -91,8 +91,9 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
             from moe_compile.quant.gate import apply_quality_gated
 
             result.notes.update(plan.notes)
+            auto = {name for name in ("fp8", "sparsity_24") if chosen.features.get(name) == "auto"}
             swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds,
-                                         fp8_calibration)  # each has .undo()
+                                         fp8_calibration, auto)  # each has .undo()
         if expert_parallel is not None:
             from moe_compile.parallel import apply_expert_parallel
 

@@ -57,6 +57,27 @@ def _specialize_phase(device: torch.device) -> Optional[str]:
     return None
 
 
+FP8_EMULATED = ("fp8=True runs FP8 emulated (dequantize + matmul in the activation dtype) to measure quality: no "
+                "speedup")
+
+
+def _fp8(device: torch.device) -> Optional[str]:
+    """FP8 kernels (kernels/triton_packed.py) need a CUDA GPU with FP8 tensor cores (sm_89+: Ada, Hopper)."""
+    if device.type != "cuda":
+        return f"FP8 kernels run on CUDA GPUs with FP8 tensor cores (sm_89+); on {device.type} {FP8_EMULATED}"
+    from moe_compile.kernels.op import available_packed_backends
+
+    if "triton" not in available_packed_backends():  # also where this machine has no GPU (a plan for one)
+        from moe_compile.kernels.backends import UNAVAILABLE
+
+        return f"the FP8 kernels need the triton backend, unavailable here: {UNAVAILABLE.get('triton_packed')}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"this GPU ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) has no FP8 tensor cores "
+                f"(sm_89+: Ada, Hopper); {FP8_EMULATED}")
+    return None
+
+
 def _tensorrt(device: torch.device) -> Optional[str]:
     """torch-tensorrt needs example inputs to compile, which `optimize` does not have: it is an explicit call."""
     from moe_compile.emit.tensorrt import unavailable_reason
@@ -76,12 +97,12 @@ FEATURES: dict[str, tuple[str, Callable[[torch.device], Optional[str]], Callable
     "specialize_phase": ("separate decode and prefill kernels", _specialize_phase, lambda d: d.type == "cuda"),
     "fuse_shared_expert": ("shared expert computed inside the fused op",
                            _never("shared-expert fusion is not in this version of moe_compile"), lambda d: True),
-    "fp8": ("FP8 expert weights and activations (emulated in this version; quality-gated)",
-            _never("FP8 kernels are not in this version of moe_compile; fp8=True runs FP8 emulated (dequantize + "
-                   "matmul in the activation dtype) to measure quality: no speedup"), lambda d: True),
-    "sparsity_24": ("2:4 sparse expert weights (emulated in this version; quality-gated)",
-                    _never("2:4 sparse kernels are not in this version of moe_compile; sparsity_24=True runs 2:4 "
-                           "emulated (decompress + dense matmul) to measure quality: no speedup"), lambda d: True),
+    "fp8": ("FP8 expert weights (W8A8, per-channel weight and per-token activation scales; quality-gated)", _fp8,
+            lambda d: d.type == "cuda"),
+    "sparsity_24": ("2:4 sparse expert weights (quality-gated; no speedup in this version)",
+                    _never("the 2:4 kernels are slower than the dense ones at every measured size (H100, "
+                           "benchmarks/results/moe_layer_*_packed.csv), so auto leaves 2:4 off; sparsity_24=True "
+                           "applies it (behind the quality gate) for its smaller weights"), lambda d: True),
     "tensorrt": ("torch-tensorrt emission", _tensorrt, lambda d: False),
 }
 
@@ -108,11 +129,13 @@ class Profile:
         return Profile(self.name, features, backend, self.description, self.source)
 
 
-# Features with an emulated path (plain torch, any device): `auto` never turns them on, since they are no faster
-# (their `why_not` says so); forcing them on runs the emulation, for quality measurements, and records this note.
+# Features that run without their fast kernels where those are missing (FP8 off CUDA / without FP8 tensor cores,
+# 2:4 everywhere): `auto` does not turn them on there (their `why_not` says why); forcing them on applies them
+# anyway, for quality measurements or smaller weights, and records this note.
 EMULATED: dict[str, str] = {
     "fp8": "FP8 runs emulated (dequantize + matmul in the activation dtype): real FP8 numerics, no speedup",
-    "sparsity_24": "2:4 runs emulated (decompress + dense matmul): real 2:4 numerics, no speedup",
+    "sparsity_24": ("2:4 runs on the triton kernels on CUDA (slower than dense) and emulated elsewhere: real 2:4 "
+                    "numerics and 0.56x the expert bytes, no speedup"),
 }
 
 

@@ -3,7 +3,7 @@
 In each group of 4 weights along the input dim (H for w13, I for w2) the 2 of largest magnitude are kept; the block
 then stores compressed values [.., K/2] + uint8 metadata (`moe_compile.quant.sparse24`) and runs
 `fused_moe_packed`. Router and shared expert are untouched. Must run before `quantize_fp8` (which then quantizes
-the kept values). Emulated in this version: decompress + dense matmul, so it saves weight memory, not time.
+the kept values). It saves weight memory (0.56x in bf16), not time: the 2:4 kernels are slower than dense ones.
 Counts the blocks it rewrote (`counters["moe_compile"]["sparsify_24"]`); `result.undo()` puts the dense weights back.
 """
 

@@ -93,8 +93,14 @@ def test_auto_resolves_per_device():
     assert all(reason and not on_gpu.enabled[name] for name, reason in on_gpu.unavailable.items())
 
     aggressive = resolve_features(load_profile("aggressive"), CUDA)
-    assert {"fp8", "sparsity_24", "fuse_shared_expert"} <= set(aggressive.unavailable)
+    assert {"sparsity_24", "fuse_shared_expert"} <= set(aggressive.unavailable)
     assert not any(aggressive.enabled[name] for name in aggressive.unavailable)
+    from moe_compile.kernels.op import available_packed_backends
+
+    if "triton" in available_packed_backends() and torch.cuda.get_device_capability() >= (8, 9):
+        assert aggressive.enabled["fp8"]  # real kernels: auto asks for it (the quality gate decides)
+    else:
+        assert "fp8" in aggressive.unavailable and not aggressive.enabled["fp8"]
 
 
 def test_forcing_an_unavailable_feature_raises_with_the_remedy():
@@ -110,9 +116,17 @@ def test_forcing_an_unavailable_feature_raises_with_the_remedy():
 
 
 def test_forcing_an_emulated_feature_runs_it_with_a_note():
-    """FP8 and 2:4 exist only emulated: `auto` leaves them off and says why, `true` applies them with a note."""
-    for device in (CPU, CUDA):
-        plan = resolve_features(load_profile("balanced").with_overrides({"fp8": True}), device)
+    """Without FP8 kernels (CPU; a plan for a GPU on a machine without one) `auto` leaves FP8 off, saying why where
+    it would have applied, and `true` applies it emulated with a note; 2:4 (no speedup anywhere) likewise."""
+    from moe_compile.kernels.op import available_packed_backends
+
+    devices = [CPU] + ([] if "triton" in available_packed_backends() else [CUDA])
+    for device in devices:
+        plan = resolve_features(load_profile("balanced").with_overrides({"fp8": True, "sparsity_24": True}), device)
         assert plan.enabled["fp8"] and "emulated" in plan.notes["fp8"] and "no speedup" in plan.notes["fp8"]
+        assert plan.enabled["sparsity_24"] and "no speedup" in plan.notes["sparsity_24"]
         auto = resolve_features(load_profile("aggressive"), device)
-        assert not auto.enabled["fp8"] and "no speedup" in auto.unavailable["fp8"]
+        assert not auto.enabled["fp8"] and not auto.enabled["sparsity_24"]
+        assert "slower than the dense" in auto.unavailable["sparsity_24"]
+        if device.type == "cuda":
+            assert "triton" in auto.unavailable["fp8"]

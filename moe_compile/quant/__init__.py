@@ -1,7 +1,7 @@
 """Numerics for FP8 (e4m3, per-channel weights, dynamic per-token activations) and 2:4 sparsity of expert weights.
 
-Plain torch, any device: these are the emulated (reference) paths. They change storage and numerics, not speed;
-the GPU kernels that turn them into a speedup are not in this version.
+Plain torch, any device: the storage formats and the emulated (reference) numerics; the GPU kernels that run the
+packed formats are `moe_compile.kernels.triton_packed`.
 """
 
 from moe_compile.quant.fp8 import (E4M3_MAX, FP8_DTYPE, dequantize_per_channel, fake_quant_per_token,

@@ -88,10 +88,11 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 
 
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
-                        thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto"
-                        ) -> list[ModulePassResult]:
+                        thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto",
+                        auto_features: Optional[set[str]] = None) -> list[ModulePassResult]:
     """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
-    the passes applied so far are undone before it propagates."""
+    the passes applied so far are undone before it propagates. `auto_features`: the enabled ones that the profile
+    set to `auto` (not forced), dropped when there is no calibration text to gate them on."""
     if not any(enabled.get(name) for name in DEFAULT_THRESHOLDS):
         return []
     if not any(isinstance(m, FusedMoEBlock) for m in model.modules()):
@@ -101,6 +102,12 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
                 result.unavailable[name] = "no fused MoE block to apply it to"
         return []
     ids = calibration_ids(model, calibration)
+    if ids is None:  # `auto` asks for the gate: without text to measure on, it applies nothing
+        for name in sorted(auto_features or ()):
+            if enabled.get(name):
+                enabled[name] = result.features[name] = False
+                result.unavailable[name] = (f"auto applies {name} only behind the quality gate, which needs "
+                                            f"calibration_text=... (or force it: {name}=True applies it ungated)")
     ran: list[tuple[str, ModulePassResult]] = []
     try:
         _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran)

@@ -93,12 +93,26 @@ def test_gate_accepts_fp8_and_rejects_24_at_a_tight_threshold(fused_quality_mode
 
 
 def test_auto_never_claims_emulated_features():
+    """On the CPU FP8 has no kernels and 2:4 no speedup: `aggressive` leaves both off."""
     model = build_tiny_model("tiny-qwen3-moe")
     mc.optimize(model, "aggressive")
     r = model.moe_compile
-    for name in ("fp8", "sparsity_24"):
-        assert r.features[name] is False and "no speedup" in r.unavailable[name]
+    assert r.features["fp8"] is False and r.features["sparsity_24"] is False
+    assert "slower than the dense" in r.unavailable["sparsity_24"]
     assert r.quality == {} and all(b.packed is None for b in _blocks(model))
+
+
+def test_auto_features_without_calibration_text_are_dropped_not_applied_ungated():
+    """Where FP8 has kernels `auto` enables it, but only the gate may apply it: no text to measure on, no FP8."""
+    from moe_compile.quant.gate import apply_quality_gated
+    from moe_compile.report import OptimizeResult
+
+    model = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative")
+    enabled = {"fp8": True, "sparsity_24": False}
+    result = OptimizeResult(profile="aggressive", device="cuda", backend="auto", features=dict(enabled))
+    assert apply_quality_gated(model, enabled, result, calibration=None, auto_features={"fp8"}) == []
+    assert not enabled["fp8"] and result.features["fp8"] is False
+    assert "calibration_text" in result.unavailable["fp8"] and all(b.packed is None for b in _blocks(model))
 
 
 def test_forced_without_calibration_is_applied_ungated():
