@@ -1,4 +1,5 @@
-"""sparsify_24: magnitude 2:4 pruning of every fused MoE block's expert weights (module-level pass).
+"""sparsify_24: 2:4 pruning of every fused MoE block's expert weights (module-level pass): magnitude, or weights
+pruned beforehand from calibration activations (`moe_compile.quant.sparsegpt`).
 
 In each group of 4 weights along the input dim (H for w13, I for w2) the 2 of largest magnitude are kept; the block
 then stores compressed values [.., K/2] + uint8 metadata (`moe_compile.quant.sparse24`) and runs
@@ -9,7 +10,9 @@ Counts the blocks it rewrote (`counters["moe_compile"]["sparsify_24"]`); `result
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Optional
+
+from torch import Tensor, nn
 
 from moe_compile.counters import counters
 from moe_compile.fused_block import FusedMoEBlock
@@ -19,7 +22,9 @@ from moe_compile.quant.sparse24 import compress_24
 NAME = "sparsify_24"
 
 
-def sparsify_24(model: nn.Module) -> ModulePassResult:
+def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> ModulePassResult:
+    """pruned: per block name, (w13, w2) already 2:4-sparse (e.g. `quant.sparsegpt`); other blocks are
+    magnitude-pruned."""
     result = ModulePassResult(NAME)
     for name, block in model.named_modules():
         if not isinstance(block, FusedMoEBlock):
@@ -35,8 +40,9 @@ def sparsify_24(model: nn.Module) -> ModulePassResult:
         if bad:
             result.skipped[name] = f"reduction dim {bad[0]} is not a multiple of 4"
             continue
-        v13, m13 = compress_24(block.w13.detach())
-        v2, m2 = compress_24(block.w2.detach())
+        w13, w2 = (pruned or {}).get(name, (block.w13.detach(), block.w2.detach()))
+        v13, m13 = compress_24(w13)  # of an already 2:4 weight: exactly its non-zeros
+        v2, m2 = compress_24(w2)
         result.record(block)
         install(block, PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2))
     counters["moe_compile"][NAME] += result.count

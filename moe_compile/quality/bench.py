@@ -1,5 +1,6 @@
 """The perplexity table behind `moe-compile bench --quality`: the shipped quality model's held-out perplexity with
-its expert weights in bf16, FP8, 2:4 and FP8 + 2:4 (emulated numerics; see docs/quality.md)."""
+its expert weights in bf16, FP8, 2:4 and FP8 + 2:4, 2:4 both by magnitude and by SparseGPT (calibrated on the
+training text), emulated numerics (see docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-VARIANTS = ("bf16", "fp8", "2:4", "fp8+2:4")
+VARIANTS = ("bf16", "fp8", "2:4", "fp8+2:4", "2:4 sparsegpt", "fp8+2:4 sparsegpt")
 
 
 @dataclass
@@ -45,7 +46,17 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
     from moe_compile.quality import load_quality_model, perplexity
 
     model = mc.optimize(load_quality_model(dtype), "conservative", verify=False)
-    steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8]}
+    pruned: dict = {}  # SparseGPT's 2:4 weights, computed once (calibrated on the training text, not held-out)
+
+    def sparsegpt(m: nn.Module):
+        if not pruned:
+            from moe_compile.quant.gate import sparsity_pruned
+
+            pruned.update(sparsity_pruned(m, None, "sparsegpt")[0])
+        return sparsify_24(m, pruned)
+
+    steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8],
+             "2:4 sparsegpt": [sparsegpt], "fp8+2:4 sparsegpt": [sparsegpt, quantize_fp8]}
     rows: list[QualityRow] = []
     base = None
     for variant in VARIANTS:

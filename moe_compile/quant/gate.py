@@ -55,8 +55,42 @@ def fp8_weight_scales(model: nn.Module, ids: Optional[torch.Tensor], mode: str
     return calibration.scales, calibration.record()
 
 
-def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str, dict]
-            ) -> list[tuple[str, Callable[[nn.Module], ModulePassResult]]]:
+SPARSITY_METHODS = ("auto", "sparsegpt", "magnitude")  # auto: SparseGPT where there is calibration text
+SPARSEGPT_CALIBRATION_BYTES = 32768  # the built-in quality model calibrates on this much of its training text
+
+
+def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
+                    ) -> tuple[Optional[dict], dict[str, Any]]:
+    """(per-block 2:4 weights for `sparsify_24`, or None for its magnitude pruning; the record)."""
+    if method not in SPARSITY_METHODS:
+        raise ValueError(f"sparsity_method={method!r} is not one of {SPARSITY_METHODS}")
+    calibration, source = _sparsity_calibration(model, ids)
+    if method == "magnitude" or (method == "auto" and calibration is None):
+        return None, {"method": "magnitude"}
+    if calibration is None:
+        raise ValueError("sparsity_method='sparsegpt' prunes from calibration activations: pass calibration_text=...")
+    from moe_compile.quant.calibration_data import fused_blocks, record_block_inputs
+    from moe_compile.quant.sparsegpt import sparsegpt_expert_weights
+
+    blocks = {name: b for name, b in fused_blocks(model).items() if b.packed is None}
+    inputs = record_block_inputs(model, calibration, blocks)  # reads the model, changes nothing
+    pruned = {name: sparsegpt_expert_weights(block, inputs[name]) for name, block in blocks.items() if name in inputs}
+    return pruned, {"method": "sparsegpt", "calibration": source, "tokens": int(calibration.numel())}
+
+
+def _sparsity_calibration(model: nn.Module, ids: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], str]:
+    """The built-in quality model calibrates on its training text (its gate measures on held-out text); any other
+    model on the user's calibration text, which the gate then also measures on."""
+    if getattr(model, "moe_compile_quality_model", False):
+        from moe_compile.quality.corpus import train_bytes
+        from moe_compile.quality.eval import encode
+
+        return encode(train_bytes()[:SPARSEGPT_CALIBRATION_BYTES]), "training text"
+    return ids, "calibration_text"
+
+
+def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str, dict],
+            sparsity_method: str = "auto") -> list[tuple[str, Callable[[nn.Module], ModulePassResult]]]:
     from moe_compile.passes.quantize_fp8 import quantize_fp8
     from moe_compile.passes.sparsify_24 import sparsify_24
 
@@ -64,7 +98,11 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         scales, records["fp8"] = fp8_weight_scales(model, ids, fp8_calibration)  # reads the model, changes nothing
         return quantize_fp8(model, scales)
 
-    return [("sparsity_24", sparsify_24), ("fp8", fp8)]  # prune dense weights, then quantize kept values
+    def sparsity(model: nn.Module) -> ModulePassResult:
+        pruned, records["sparsity_24"] = sparsity_pruned(model, ids, sparsity_method)
+        return sparsify_24(model, pruned)
+
+    return [("sparsity_24", sparsity), ("fp8", fp8)]  # prune dense weights, then quantize kept values
 
 
 def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor]:
@@ -89,7 +127,8 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
                         thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto",
-                        auto_features: Optional[set[str]] = None) -> list[ModulePassResult]:
+                        auto_features: Optional[set[str]] = None, sparsity_method: str = "auto"
+                        ) -> list[ModulePassResult]:
     """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
     the passes applied so far are undone before it propagates. `auto_features`: the enabled ones that the profile
     set to `auto` (not forced), dropped when there is no calibration text to gate them on."""
@@ -110,7 +149,8 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
                                             f"calibration_text=... (or force it: {name}=True applies it ungated)")
     ran: list[tuple[str, ModulePassResult]] = []
     try:
-        _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran)
+        _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran,
+                   sparsity_method)
     except BaseException:
         for _, outcome in reversed(ran):
             outcome.undo()  # a no-op for a step the gate already rolled back
@@ -119,12 +159,14 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
 
 
 def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Optional[torch.Tensor],
-               limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]]) -> None:
+               limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]],
+               sparsity_method: str = "auto") -> None:
     """The gate's loop; appends every pass it runs to `ran` at once (for the caller's undo on an error)."""
     from moe_compile.quality.eval import perplexity
 
     records: dict[str, dict] = {}
-    wanted = [(name, run) for name, run in _passes(ids, fp8_calibration, records) if enabled.get(name)]
+    wanted = [(name, run) for name, run in _passes(ids, fp8_calibration, records, sparsity_method)
+              if enabled.get(name)]
     base = None if ids is None else perplexity(model, text=ids)
     for name, run in wanted:
         outcome = run(model)

@@ -41,6 +41,16 @@ def test_trained_and_fp8_within_one_percent(table, fused_quality_model):
     assert table["fp8+2:4"].expert_bytes < table["fp8"].expert_bytes < table["2:4"].expert_bytes < bf16.expert_bytes
 
 
+def test_sparsegpt_keeps_2_4_inside_the_gate_where_magnitude_does_not(table):
+    """SparseGPT (calibrated on training text) keeps 2:4 under the 5% gate on held-out text; magnitude exceeds it."""
+    from moe_compile.quant.gate import DEFAULT_THRESHOLDS
+
+    assert table["2:4"].increase > DEFAULT_THRESHOLDS["sparsity_24"]
+    assert table["2:4 sparsegpt"].increase < DEFAULT_THRESHOLDS["sparsity_24"] / 2
+    assert table["fp8+2:4 sparsegpt"].increase < DEFAULT_THRESHOLDS["sparsity_24"]
+    assert table["2:4 sparsegpt"].expert_bytes == table["2:4"].expert_bytes  # the same storage format
+
+
 def test_bench_cli(capsys, tmp_path):
     out = tmp_path / "rows.json"
     assert main(["bench", "--quality", "--max-bytes", "2048", "--json", str(out)]) == 0
