@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Iterable, Sized, TypeVar
+from typing import Iterable, Iterator, Sized, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -27,3 +28,16 @@ def progress(items: Iterable[T], description: str, enabled: bool = True) -> Iter
         for item in items:
             yield item
             bar.advance(task)
+
+
+@contextlib.contextmanager
+def status(description: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner with `description` on stderr while the block runs (terminal only, quiet with MOE_COMPILE_QUIET=1),
+    for work of unknown length such as compiling and capturing a graph."""
+    if not _wanted(enabled):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(description):
+        yield

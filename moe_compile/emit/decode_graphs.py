@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from moe_compile.counters import counters
+from moe_compile.progress import status
 
 log = logging.getLogger("moe_compile")
 
@@ -50,20 +51,6 @@ def register_recording_counter() -> None:
 
     callback_handler.register_start_callback(_count_cudagraph_recordings)
     _callback_registered = True
-
-
-@contextlib.contextmanager
-def capture_status(description: str) -> Iterator[None]:
-    """A spinner on stderr while a decode graph is captured (terminal only, quiet with MOE_COMPILE_QUIET=1)."""
-    from moe_compile.progress import _wanted
-
-    if not _wanted(True):
-        yield
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status(description):
-        yield
 
 
 def _step_batch(kwargs: dict) -> Optional[int]:
@@ -154,7 +141,7 @@ class DecodeGraphs:
     def _first_step(self, batch: Optional[int], compiled: Callable, args: tuple, kwargs: dict) -> Any:
         real = self._real_batch if self._real_batch is not None else batch
         start = time.perf_counter()
-        with capture_status(f"capturing decode graph for batch {real} (bucket {batch})..."):
+        with status(f"capturing decode graph for batch {real} (bucket {batch})..."):
             output = compiled(*args, **kwargs)
         self.first_step_s[batch] = time.perf_counter() - start
         log.info("decode step for batch %s (bucket %s): first step %.1f s (compile + warm-up)", real, batch,

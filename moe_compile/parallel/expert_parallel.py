@@ -45,11 +45,12 @@ from moe_compile.parallel.placement import Placement
 
 log = logging.getLogger("moe_compile")
 
-# Global tokens per rank from which `overlap="auto"` splits into two micro-batches. Measured on 2 and 4 H100s
-# (benchmarks/results/ep_*ranks*.csv, 2026-11-26): with the local experts on the reference loop, overlap was slower
-# than no overlap at every size tried (1, 64 and 2048 tokens per rank; e.g. DeepSeek-V3 layer, 4 ranks, 2048 tokens:
-# 8.9 ms off vs 13.2 ms on), so `auto` stays off through that range. Revisit once the local experts run the triton
-# grouped GEMM, where the expert time per micro-batch is what hides the dispatch.
+# Tokens per rank from which `overlap="auto"` splits into two micro-batches. Measured on H100s with the local
+# experts on the Triton grouped GEMM (benchmarks/results/ep_*ranks*_v2/_v4.csv, 2026-11-26): on 2 GPUs (final
+# code) overlap won 2 of 36 layer cases (at most 9%) and lost up to 61% (median +15%); on 4 GPUs (before the
+# payload change) it won 7 of 9 cases at 8192 tokens per rank (1.4-13%) and lost below that. The block is
+# host- and wait-bound (one host sync, three collectives), so splitting it adds more than it hides: `auto` stays
+# off through every size measured. A 4-GPU rerun of the final code would say whether 8192+ should turn it on.
 OVERLAP_MIN_TOKENS = 1 << 16
 
 
