@@ -90,6 +90,14 @@ def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = Tru
                         help="checkpoint format: safetensors (restored by `moe-compile load` / mc.load) or onnx "
                              "(model.onnx, input_ids -> logits, needs moe-compile[onnx]); default safetensors")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    quality = parser.add_argument_group("quality gate", "how fp8 / sparsity-24 are measured and calibrated")
+    quality.add_argument("--calibration-text", type=Path, metavar="FILE",
+                         help="text the quality gate measures fp8 / sparsity-24 on (SparseGPT calibrates on it too); "
+                              "tokenized with MODEL's tokenizer, or read as bytes for byte-level models")
+    quality.add_argument("--sparsity-method", choices=["auto", "sparsegpt", "magnitude"], default="auto",
+                         help="how 2:4 picks the kept weights (auto: SparseGPT where there is calibration text)")
+    quality.add_argument("--fp8-calibration", choices=["auto", "modelopt", "modelopt-mse", "max"], default="auto",
+                         help="FP8 weight scales: NVIDIA ModelOpt (auto: when installed) or the built-in max")
     parallel = parser.add_argument_group("expert parallelism", "shard the experts over several GPUs (torchrun)")
     parallel.add_argument("--gpus", type=int, default=1, metavar="N",
                           help="run N processes, one per GPU, each holding 1/N of the experts (default 1; more than "
@@ -219,6 +227,12 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]dry run:[/bold] nothing was changed or written{escape(written)}")
         return 0
     model = loaded.model.to(args.device)
+    overrides.update(sparsity_method=args.sparsity_method, fp8_calibration=args.fp8_calibration)
+    if args.calibration_text is not None:
+        from moe_compile.calibration_text import calibration_ids
+
+        overrides["calibration_text"] = calibration_ids(args.calibration_text, model, loaded.path,
+                                                        args.trust_remote_code)
     if worker:
         overrides["expert_parallel"] = cli_parallel.expert_parallel_config(
             int(os.environ["WORLD_SIZE"]), args.placement, model, args.calibration_tokens, args.seed)

@@ -319,3 +319,44 @@ def test_gpus_runs_expert_parallel_processes_and_exports_the_placement(tmp_path)
 def test_gpus_must_be_positive(capsys):
     assert main(["optimize", "tiny-qwen3-moe", "--device", "cpu", "--gpus", "0"]) == 1
     assert "--gpus must be at least 1" in error_line(capsys)
+
+
+def _save_word_tokenizer(directory: Path, vocab_size: int = 128) -> None:
+    """A real (tokenizers) word-level tokenizer over the words w0..w126, saved beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"[UNK]": vocab_size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(directory)
+
+
+def test_calibration_text_is_tokenized_and_gates_sparsity(tmp_path, capsys):
+    """--calibration-text FILE with MODEL's own tokenizer: 2:4 by SparseGPT, measured by the gate on that text."""
+    model_dir = tmp_path / "model"
+    build_tiny_model("tiny-qwen3-moe").save_pretrained(model_dir)
+    _save_word_tokenizer(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 127, (700,), generator=gen).tolist()))
+    out = tmp_path / "out"
+    assert main(["optimize", str(model_dir), "--device", "cpu", "--profile", "conservative", "--enable-sparsity-24",
+                 "--calibration-text", str(text), "--output", str(out)]) == 0
+    quality = json.loads((out / REPORT_NAME).read_text())["result"]["quality"]["sparsity_24"]
+    assert quality["gated"] and quality["calibration"]["method"] == "sparsegpt"
+    assert quality["calibration"]["tokens"] == 700
+
+
+def test_calibration_text_needs_a_tokenizer_and_enough_tokens(saved_model, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text("w1 w2 w3")
+    assert main(["optimize", "tiny-qwen3-moe", "--device", "cpu", "--calibration-text", str(text)]) == 1
+    assert "needs a tokenizer" in error_line(capsys)
+    model_dir = tmp_path / "model"
+    build_tiny_model("tiny-qwen3-moe").save_pretrained(model_dir)
+    _save_word_tokenizer(model_dir)
+    assert main(["optimize", str(model_dir), "--device", "cpu", "--calibration-text", str(text)]) == 1
+    assert "gives 3 tokens" in error_line(capsys)
+    assert main(["optimize", str(model_dir), "--device", "cpu", "--calibration-text", str(tmp_path / "none")]) == 1
+    assert "no such file" in error_line(capsys)
