@@ -88,6 +88,11 @@ class FusedMoEBlock(nn.Module):
         return finish_output(self, hidden_states, x, out)
 
 
+def fused_blocks(model: nn.Module) -> dict[str, FusedMoEBlock]:
+    """Every FusedMoEBlock of `model`, by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)}
+
+
 def finish_output(block: nn.Module, hidden_states: torch.Tensor, x: torch.Tensor, routed: torch.Tensor):
     """The original block's output from the routed experts' [T, H]: plus the shared expert (sigmoid-gated or not),
     in the input's shape or flat, and with the auxiliary second output when the block returned a tuple. Shared by

@@ -50,16 +50,12 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def fused_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    from moe_compile.fused_block import FusedMoEBlock
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)}
-
-
 def block_entries(model: nn.Module) -> list[dict[str, Any]]:
     from moe_compile.checkpoint.packed import weight_format
 
     entries = []
+    from moe_compile.fused_block import fused_blocks
+
     for name, block in fused_blocks(model).items():
         entries.append({
             "name": name,

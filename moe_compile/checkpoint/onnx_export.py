@@ -186,7 +186,7 @@ def _dense_forward(self, hidden_states: Tensor, *args, **kwargs):
 @contextlib.contextmanager
 def onnx_lowering(model: nn.Module) -> Iterator[dict[str, str]]:
     """Route the blocks ORT's MoE cannot express through `dense_moe` for the duration; yield block -> lowering."""
-    from moe_compile.checkpoint.manifest import fused_blocks
+    from moe_compile.fused_block import fused_blocks
 
     lowering: dict[str, str] = {}
     patched = []

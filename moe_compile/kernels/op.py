@@ -41,12 +41,17 @@ def available_backends() -> list[str]:
 
 def select_backend(requested: str, device: torch.device) -> str:
     """The backend that runs: `requested` if registered, else the best for the device (logged)."""
-    if requested in _BACKENDS:
+    return _choose(requested, device, _BACKENDS, _PREFERENCE, "fused_moe")
+
+
+def _choose(requested: str, device: torch.device, registry: dict[str, BackendFn], preference: dict[str, list[str]],
+            op_name: str) -> str:
+    """`requested` if `registry` has it, else the first registered of the device's preference (logged once)."""
+    if requested in registry:
         return requested
-    preference = _PREFERENCE.get(device.type, ["reference"])
-    chosen = next(name for name in preference if name in _BACKENDS)
+    chosen = next(name for name in preference.get(device.type, ["reference"]) if name in registry)
     if requested != "auto":
-        _warn_once(f"fused_moe backend {requested!r} is not available here; using {chosen!r}")
+        _warn_once(f"{op_name} backend {requested!r} is not available here; using {chosen!r}")
     return chosen
 
 
@@ -251,14 +256,9 @@ def fused_moe_packed(
     args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale, w2_scale, w13_meta, w2_meta,
             top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
             act_quant)
-    explicit = backend in _PACKED_BACKENDS  # a block pinned to e.g. "cuda" (no packed kernels) gets the best one
-    if explicit:
-        name = backend
-    else:
-        preference = _PACKED_PREFERENCE.get(x.device.type, ["reference"])
-        name = next(n for n in preference if n in _PACKED_BACKENDS)
-        if backend != "auto":
-            _warn_once(f"fused_moe_packed: no packed-weight {backend!r} backend in this version; using {name!r}")
+    # a block pinned to a backend without packed kernels (e.g. "cuda") gets the best packed one
+    name = _choose(backend, x.device, _PACKED_BACKENDS, _PACKED_PREFERENCE, "fused_moe_packed")
+    explicit = name == backend
     try:
         return _PACKED_BACKENDS[name](*args)
     except BackendUnsupported as exc:

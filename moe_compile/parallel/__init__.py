@@ -8,18 +8,18 @@ from moe_compile.parallel.apply import ExpertParallelConfig, apply_expert_parall
 from moe_compile.parallel.calibrate import measure_expert_load
 from moe_compile.parallel.distributed import DistributedInitError, init_distributed
 from moe_compile.parallel.expert_parallel import OVERLAP_MIN_TOKENS, ExpertParallelMoEBlock
-from moe_compile.parallel.gather import saved_placement
+from moe_compile.parallel.gather import saved_placement, sharded_blocks
 from moe_compile.parallel.placement import Placement, PlacementError, balanced_placement
 from moe_compile.parallel.report import BlockPlacement, PlacementReport
 
 
 def placement_report(model) -> PlacementReport:
     """The placement of every expert-parallel block of `model`, with rank loads before and after when known."""
-    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertParallelMoEBlock)]
+    blocks = sharded_blocks(model)
     if not blocks:
         return PlacementReport(1, "none")
-    report = PlacementReport(blocks[0][1].ep.size, "placed")
-    for name, block in blocks:
+    report = PlacementReport(next(iter(blocks.values())).ep.size, "placed")
+    for name, block in blocks.items():
         report.blocks.append(BlockPlacement(name, block.placement, getattr(block, "expert_load", None)))
     return report
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_compile.fused_block import FusedMoEBlock, block_output_tensor
+from moe_compile.fused_block import FusedMoEBlock, block_output_tensor, fused_blocks
 from moe_compile.parallel.calibrate import measure_expert_load
 from moe_compile.parallel.distributed import EPGroup, adjust_world_size, init_distributed, make_ep_group
 from moe_compile.parallel.expert_parallel import OVERLAP_MIN_TOKENS, ExpertParallelMoEBlock
@@ -74,10 +74,6 @@ class ExpertParallelConfig:
         elif self.expert_load is not None:
             data["expert_load"] = [float(v) for v in self.expert_load]
         return data
-
-
-def _fused_blocks(model: nn.Module) -> dict[str, FusedMoEBlock]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)}
 
 
 def _expert_bytes(block: FusedMoEBlock) -> int:
@@ -141,7 +137,7 @@ def apply_expert_parallel(model: nn.Module, value: Any, device: torch.device, en
     size, warning = adjust_world_size(config.size, device)
     if warning:
         warnings.warn(warning, stacklevel=3)
-    blocks = _fused_blocks(model)
+    blocks = fused_blocks(model)
     if size == 1 or not blocks:
         _record(result, config, 1, reason="one rank" if size == 1 else "no fused MoE blocks")
         return

@@ -15,12 +15,6 @@ MIN_EXPERT_TOKENS = 8  # every expert is fed at least this many calibration toke
 MAX_BLOCK_TOKENS = 8192  # recorded input rows kept per block
 
 
-def fused_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    from moe_compile.fused_block import FusedMoEBlock
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)}
-
-
 
 @torch.no_grad()
 def record_block_inputs(model: nn.Module, ids: Tensor, blocks: dict[str, nn.Module],

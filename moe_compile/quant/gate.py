@@ -69,7 +69,8 @@ def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
         return None, {"method": "magnitude"}
     if calibration is None:
         raise ValueError("sparsity_method='sparsegpt' prunes from calibration activations: pass calibration_text=...")
-    from moe_compile.quant.calibration_data import fused_blocks, record_block_inputs
+    from moe_compile.fused_block import fused_blocks
+    from moe_compile.quant.calibration_data import record_block_inputs
     from moe_compile.quant.sparsegpt import sparsegpt_expert_weights
 
     blocks = {name: b for name, b in fused_blocks(model).items() if b.packed is None}

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from moe_compile.errors import MissingDependencyError
 from moe_compile.kernels import reference
-from moe_compile.quant.calibration_data import (MIN_EXPERT_TOKENS, fused_blocks, record_block_inputs,  # noqa: F401
+from moe_compile.fused_block import fused_blocks
+from moe_compile.quant.calibration_data import (MIN_EXPERT_TOKENS, record_block_inputs,  # noqa: F401
                                                  route_for_calibration)
 from moe_compile.quant.fp8 import E4M3_MAX, MIN_SCALE
 from moe_compile.spec import MoESpec
