@@ -45,7 +45,8 @@ class E2ERow:
     prompt: int
     impl: str
     prefill_ms: Optional[float]
-    decode_step_ms: Optional[float]
+    decode_step_ms: Optional[float]  # median step (steady state)
+    decode_mean_ms: Optional[float]  # mean step of the timed call (with any re-compile / re-record in it)
     decode_tok_s: Optional[float]
     warmup_s: Optional[float]
     peak_mem_gb: Optional[float]
@@ -88,23 +89,55 @@ def step_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
     return 1e3 * nbytes / bandwidth
 
 
-def timed_generate(model, ids, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
+class StepClock:
+    """A transformers StoppingCriteria that never stops: it stamps the host clock each time generate checks it, i.e.
+    once per generated token. generate reads the "all rows finished" flag on the host every step, so each stamp
+    follows that step's GPU work: the gaps are per-step wall times. `on_step` (optional) runs at each stamp (the
+    profiler's `step()` for a steady-state trace)."""
+
+    def __init__(self, on_step=None):
+        self.stamps: list[float] = []
+        self.on_step = on_step
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        if self.on_step is not None:
+            self.on_step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def gaps_ms(self) -> list[float]:
+        """Wall time of each decode step (the first stamp follows the prefill)."""
+        return [1e3 * (b - a) for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def timed_generate(model, ids, new_tokens: int, clock: Optional[StepClock] = None,
+                   **kwargs) -> tuple[float, torch.Tensor]:
+    from transformers import StoppingCriteriaList
+
+    criteria = StoppingCriteriaList([clock]) if clock is not None else None
     torch.cuda.synchronize()
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, **kwargs)
+                         do_sample=False, stopping_criteria=criteria, **kwargs)
     torch.cuda.synchronize()
     return time.perf_counter() - start, out
 
 
 def measure(model, ids, steps: int, **kwargs) -> dict:
+    """Warm-up call (compiles and captures whatever it will), then one timed call of steps + 1 tokens: its first
+    stamp gives the prefill (+ first token), its step gaps the decode latency. decode_step_ms is the median gap
+    (steady state); decode_mean_ms the mean, which also carries any re-compile or re-record inside the call."""
     torch.cuda.reset_peak_memory_stats()
-    warm, _ = timed_generate(model, ids, steps + 1, **kwargs)  # compiles / captures whatever it will
-    prefill, _ = timed_generate(model, ids, 1, **kwargs)
-    total, out = timed_generate(model, ids, steps + 1, **kwargs)
-    step = (total - prefill) / steps
-    return dict(prefill_ms=1e3 * prefill, decode_step_ms=1e3 * step, decode_tok_s=ids.shape[0] / step,
-                warmup_s=warm, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, tokens=out)
+    warm, _ = timed_generate(model, ids, steps + 1, **kwargs)
+    clock = StepClock()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    _, out = timed_generate(model, ids, steps + 1, clock=clock, **kwargs)
+    gaps = sorted(clock.gaps_ms())
+    step_ms = gaps[len(gaps) // 2]
+    return dict(prefill_ms=1e3 * (clock.stamps[0] - start), decode_step_ms=step_ms,
+                decode_mean_ms=sum(gaps) / len(gaps), decode_tok_s=1e3 * ids.shape[0] / step_ms, warmup_s=warm,
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, tokens=out)
 
 
 def run(args) -> list[E2ERow]:
@@ -168,17 +201,61 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
 
 
 def trace_decode(model, args, batch: int) -> None:
-    """Kernel time table of a few decode steps (after warm-up): where the step's time goes beyond the floor."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where a steady-state decode step's time goes: the kernel table (profiler scheduled by the step clock: 4 steps
+    skipped, 1 warm-up, 4 recorded), the host-side table, and three times per step: the wall step inside generate,
+    the compiled decode step called alone in a loop (guards + graph replay, same inputs), and GPU kernel time."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device="cuda")
-    timed_generate(model, ids, 5)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timed_generate(model, ids, 5)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    last_call = {}
+    getter = model.get_compiled_call
+    own_attribute = "get_compiled_call" in model.__dict__  # moe_compile installs an instance attribute
+
+    def recording_getter(config):
+        step = getter(config)
+
+        def call(*a, **kw):
+            last_call.update(fn=step, args=a, kwargs=kw)
+            return step(*a, **kw)
+        return call
+
+    model.get_compiled_call = recording_getter
+    try:
+        timed_generate(model, ids, 12)
+        active = 4
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     schedule=schedule(wait=4, warmup=1, active=active, repeat=1)) as prof:
+            clock = StepClock(on_step=prof.step)
+            timed_generate(model, ids, 12, clock=clock)
+        alone_ms = _time_call_alone(last_call) if last_call else float("nan")
+    finally:
+        if own_attribute:
+            model.get_compiled_call = getter
+        else:
+            del model.get_compiled_call
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events if e.key != "ProfilerStep*") / 1e3 / active
+    gaps = sorted(clock.gaps_ms())
+    head = (f"generate(prompt {args.prompt}), batch {batch}, {args.layers} layers: {active} steady-state decode steps "
+            f"profiled (after 5)\nper step: wall in generate {gaps[len(gaps) // 2]:.2f} ms (median, unprofiled "
+            f"steps included), compiled step called alone {alone_ms:.2f} ms, GPU kernel time {gpu_ms:.2f} ms\n")
+    kernels = events.table(sort_by="self_cuda_time_total", row_limit=30)
+    host = events.table(sort_by="cpu_time_total", row_limit=30)
     with open(args.stem + f"_trace_batch{batch}.txt", "w") as f:
-        f.write(f"generate(prompt {args.prompt}, 5 new tokens), batch {batch}, {args.layers} layers\n{table}\n")
-    print(table[:6000])
+        f.write(head + "\nby GPU time\n" + kernels + "\nby host time\n" + host + "\n")
+    print(head + kernels[:4000] + "\n" + host[:4000])
+
+
+def _time_call_alone(call: dict, reps: int = 20) -> float:
+    """ms per call of the recorded compiled decode step, back to back with the same inputs (synchronised)."""
+    fn, a, kw = call["fn"], call["args"], call["kwargs"]
+    fn(*a, **kw)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn(*a, **kw)
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / reps
 
 
 def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwargs) -> E2ERow:
@@ -190,7 +267,8 @@ def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwa
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         return E2ERow(**meta, layers=args.layers, batch=batch, prompt=args.prompt, impl=name, prefill_ms=None,
-                      decode_step_ms=None, decode_tok_s=None, warmup_s=None, peak_mem_gb=None, floor_step_ms=floor,
+                      decode_step_ms=None, decode_mean_ms=None, decode_tok_s=None, warmup_s=None, peak_mem_gb=None,
+                      floor_step_ms=floor,
                       ratio_to_floor=None, tokens_match_hf=None, note=f"OOM: {str(exc).splitlines()[0]}")
     match = None
     tokens = m.pop("tokens")[0, args.prompt:]

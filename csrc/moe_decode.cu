@@ -6,8 +6,10 @@
 // a unit (tokens sent to its expert, <= T), A = active experts (ascending ids).
 //
 // Phase 1 (all CTAs): zero the fp32 accumulator acc [T, H]; router logits [T, E] as (expert, piece of H) work items
-//   over every warp of the grid, fp32 sums added atomically into a buffer that is all-zero between launches.
-// Grid barrier (atomic count + generation, self-resetting: CUDA-graph replays start clean).
+//   over every warp of the grid, fp32 sums added atomically into the caller's zeroed workspace (cuda_moe.py allocates
+//   one per call, so CUDA-graph capture owns no state that outlives the call).
+// Grid barrier (atomic count + generation in the same workspace; all CTAs co-resident: the grid is the occupancy of
+//   this instantiation x #SMs, launched cooperatively, which fails rather than run a grid that cannot be resident).
 // Phase 2 (every CTA, redundantly: T is small, and it saves a second barrier): route each token (one warp per token,
 //   moe_decode_routing.cuh), then number the active experts and list each one's routed rows.
 // Phase 3: work unit u = (active expert a, I-slice s) for u = blockIdx.x, + G, ... over A * ceil(I / S):
@@ -20,8 +22,8 @@
 //   (swap-AB: decode has few rows). Both operands come straight from 16-byte loads: the K order inside each 32-wide
 //   chunk is permuted identically for A and B (thread c holds K c*8 .. c*8+7: the first four feed k-step 0 as the
 //   fragment's k pairs {2c, 2c+1} and {2c+8, 2c+9}, the last four k-step 1), which a dot product does not see.
-// Phase 4: the last CTA to finish (atomic count) casts acc to the output dtype, re-zeroes the logits buffer and the
-//   count. One launch, no host synchronisation.
+// Phase 4: the last CTA to finish (atomic count) casts acc to the output dtype (NaN if a barrier timed out), re-zeroes
+//   the logits and the count, so a workspace can be reused on one stream. One launch, no host synchronisation.
 //
 // Why mma.sync and plain 16-byte loads rather than wgmma and TMA: at decode a unit multiplies its weights by at
 // most 16 routed rows, so the tensor cores are nearly idle either way (the MMA is there to keep the FMA count off
@@ -274,8 +276,11 @@ __device__ void run_unit(const MoeArgs& a, Smem& s, int ai, int slice, int warp,
     }
 #pragma unroll
     for (int d = 0; d < kTiles; ++d) {
-      const int h = (mt0 + d * kWarps) * 16 + g;
-      if (h >= H) continue;
+      // mma.sync.aligned needs the whole warp: skip by tile (warp-uniform), never by row. A tile that straddles H
+      // (H % 16 in 1..7) has lanes whose rows h are past H: their A rows load as zeros and they store nothing.
+      const int tile_h = (mt0 + d * kWarps) * 16;
+      if (tile_h >= H) continue;
+      const int h = tile_h + g;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -283,7 +288,7 @@ __device__ void run_unit(const MoeArgs& a, Smem& s, int ai, int slice, int warp,
         Dt<XT>::mma(acc, wa[d].z, wb[d].z, wa[d].w, wb[d].w, bfrag[nt].z, bfrag[nt].w);
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          if (tok[nt][j] < 0) continue;
+          if (tok[nt][j] < 0 || h >= H) continue;
           float* dst = a.acc + (int64_t)tok[nt][j] * H;
           float v0 = acc[j], v1 = acc[2 + j];
           if (add_b2) {
@@ -344,8 +349,9 @@ __global__ void __launch_bounds__(kThreads, MOE_MIN_BLOCKS) moe_decode_kernel(co
   __syncthreads();
   if (s.is_last) {
     __threadfence();
+    const bool timed_out = ld_acquire(a.sync + kTimedOut) != 0u;  // a broken barrier: make the result loudly wrong
 #pragma unroll 8
-    for (int i = tid; i < T * H; i += kThreads) Dt<XT>::store(a.out, i, __ldcg(a.acc + i));
+    for (int i = tid; i < T * H; i += kThreads) Dt<XT>::store(a.out, i, timed_out ? NAN : __ldcg(a.acc + i));
     for (int i = tid; i < T * E; i += kThreads) a.logits[i] = 0.0f;
     if (tid == 0) atomicExch(a.sync + kDoneCount, 0u);
     if (clock && tid == 0) clock[5] = globaltimer_ns();

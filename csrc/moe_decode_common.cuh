@@ -42,7 +42,8 @@ constexpr int kMaxNt = kMaxT / 8;      // n-tiles of 8 rows per unit
 enum DType : int64_t { kBF16 = 0, kF16 = 1, kF32 = 2 };
 enum Scoring : int64_t { kSoftmax = 0, kSigmoid = 1 };
 enum Act : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSwigluOai = 4 };
-// sync[kTimedOut] is set (and stays set) if a grid barrier waited past kBarrierTimeoutNs: a bug, never a hang.
+// sync[kTimedOut] is set (and stays set) if a grid barrier waited past kBarrierTimeoutNs: a bug, never a hang (the
+// kernel then finishes and writes NaN to its output).
 enum SyncSlot : int { kBarrierCount = 0, kBarrierGen = 1, kDoneCount = 2, kTimedOut = 3 };
 constexpr unsigned long long kBarrierTimeoutNs = 2000000000ull;
 
@@ -58,8 +59,8 @@ struct MoeArgs {
   const void* b2;           // [E, H] x dtype, or null
   void* out;                // [T, H] x dtype
   float* acc;               // [T, H] fp32 scratch: zeroed in phase 1, summed into by the units
-  float* logits;            // [kMaxT, kMaxE] fp32, all zero between launches (the last CTA re-zeroes it)
-  unsigned* sync;           // [4] zero-initialised counters, self-resetting (SyncSlot)
+  float* logits;            // [T, E] fp32, zero at launch (the caller's workspace; the last CTA re-zeroes it)
+  unsigned* sync;           // [4] counters (SyncSlot), zero at launch; the kernel leaves them zero but kTimedOut
   int* route_ids;           // [T, K] selected experts (written by CTA 0; read by tests), or null
   float* route_weights;     // [T, K] their weights, or null
   unsigned long long* timing;  // [G, kTimePoints] %globaltimer ns at each phase boundary (profiling), or null

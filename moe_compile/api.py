@@ -72,7 +72,9 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     `fp8_calibration=` "auto" (default: NVIDIA ModelOpt when installed, else the built-in max), "modelopt",
     "modelopt-mse" or "max" picks how FP8 weight scales are calibrated (see `moe_compile.quant.gate`);
     `sparsity_method=` "auto" (default: SparseGPT from calibration activations where there is calibration text,
-    else magnitude), "sparsegpt" or "magnitude" picks how 2:4 chooses and adjusts the kept weights."""
+    else magnitude), "sparsegpt" or "magnitude" picks how 2:4 chooses and adjusts the kept weights.
+    FP8 also quantizes the attention linears (`FP8Linear`, torch._scaled_mm), a gated step of its own within the
+    fp8 threshold (`.quality["fp8_attention"]`); `fp8_attention=False` keeps them in high precision."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     verify = overrides.pop("verify", True)
@@ -81,6 +83,7 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     thresholds = overrides.pop("quality_thresholds", None)  # e.g. {"fp8": 0.01, "sparsity_24": 0.05}
     fp8_calibration = overrides.pop("fp8_calibration", "auto")  # FP8 weight scales: auto | modelopt | ... | max
     sparsity_method = overrides.pop("sparsity_method", "auto")  # 2:4: auto | sparsegpt | magnitude
+    fp8_attention = overrides.pop("fp8_attention", True)  # fp8 also quantizes the attention linears (gated step)
     chosen = load_profile(profile).with_overrides(overrides)
     device = _model_device(model)
     plan = resolve_features(chosen, device)
@@ -96,7 +99,7 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
             result.notes.update(plan.notes)
             auto = {name for name in ("fp8", "sparsity_24") if chosen.features.get(name) == "auto"}
             swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds,
-                                         fp8_calibration, auto, sparsity_method)  # each has .undo()
+                                         fp8_calibration, auto, sparsity_method, fp8_attention)  # each has .undo()
         if expert_parallel is not None:
             from moe_compile.parallel import apply_expert_parallel
 

@@ -5,7 +5,10 @@
 
 Options: `inner` ("inductor" default, or "eager" to run the passed graph as is), `backend` (pin the fused_moe
 kernel, see passes/select_backend.py), `specialize_phase` (True: decode nodes get the decode kernel, prefill nodes
-grouped GEMM; `decode_max_rows`, `available_backends` tune it, see passes/specialize_phase.py), `dump_dir`
+grouped GEMM; `decode_max_rows`, `available_backends` tune it, see passes/specialize_phase.py), `sparsity_24` /
+`fp8` (True: the expert weights of each fused_moe node 2:4-compressed / FP8-quantized once at compile time, the
+graph then runs fused_moe_packed on frozen packed copies; `fp8_scales` = {layer: (w13_scale, w2_scale)} gives
+calibrated scales, see passes/pack_weights_graph.py), `dump_dir`
 (per-pass graph dumps, one `graph_NNN/` folder per captured graph; `MOE_COMPILE_DUMP=DIR` does the same),
 `cudagraphs` (Inductor's CUDA graphs). Any other key must be an Inductor config name (`max_autotune`,
 `triton.cudagraphs`, ...) and is passed to Inductor as a config patch; an unknown key is an error (it used to be
@@ -23,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from moe_compile.counters import counters
-from moe_compile.passes import DEFAULT_PIPELINE, PassManager
+from moe_compile.passes import PassManager, pipeline
 
 log = logging.getLogger("moe_compile")
 BACKEND_NAME = "moe_compile"
@@ -31,7 +34,8 @@ _registered = False
 
 
 # ours; any other key must be an Inductor config name
-OPTIONS = ("inner", "backend", "dump_dir", "cudagraphs", "specialize_phase", "decode_max_rows", "available_backends")
+OPTIONS = ("inner", "backend", "dump_dir", "cudagraphs", "specialize_phase", "decode_max_rows", "available_backends",
+           "fp8", "sparsity_24", "fp8_scales")
 
 
 def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +65,8 @@ def moe_compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options:
     dump_dir = options.get("dump_dir") or os.environ.get("MOE_COMPILE_DUMP")
     if dump_dir:  # one folder per captured graph, so graph breaks do not overwrite each other's dumps
         dump_dir = os.path.join(dump_dir, f"graph_{graph_index:03d}")
-    manager = PassManager(list(DEFAULT_PIPELINE), options=options, dump_dir=dump_dir)
+    # the weight passes read lifted parameters' real values from the example inputs
+    manager = PassManager(pipeline(options), options={**options, "example_inputs": example_inputs}, dump_dir=dump_dir)
     gm = manager(gm)
     log.debug("moe_compile backend: %s", manager.history)
     if inner == "eager":

@@ -98,6 +98,8 @@ def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = Tru
                          help="how 2:4 picks the kept weights (auto: SparseGPT where there is calibration text)")
     quality.add_argument("--fp8-calibration", choices=["auto", "modelopt", "modelopt-mse", "max"], default="auto",
                          help="FP8 weight scales: NVIDIA ModelOpt (auto: when installed) or the built-in max")
+    quality.add_argument("--no-fp8-attention", dest="fp8_attention", action="store_false",
+                         help="with fp8, keep the attention linears in high precision (only the experts go to FP8)")
     parallel = parser.add_argument_group("expert parallelism", "shard the experts over several GPUs (torchrun)")
     parallel.add_argument("--gpus", type=int, default=1, metavar="N",
                           help="run N processes, one per GPU, each holding 1/N of the experts (default 1; more than "
@@ -227,7 +229,8 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]dry run:[/bold] nothing was changed or written{escape(written)}")
         return 0
     model = loaded.model.to(args.device)
-    overrides.update(sparsity_method=args.sparsity_method, fp8_calibration=args.fp8_calibration)
+    overrides.update(sparsity_method=args.sparsity_method, fp8_calibration=args.fp8_calibration,
+                     fp8_attention=args.fp8_attention)
     if args.calibration_text is not None:
         from moe_compile.calibration_text import calibration_ids
 

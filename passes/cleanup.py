@@ -22,6 +22,13 @@ _MUTATING_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operat
                        operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
 
 
+def _changes_functorch_state(target: Any, name: str) -> bool:
+    """vmap / grad transforms enter and leave their levels through calls whose results nobody uses
+    (`_vmap_increment_nesting`, `_vmap_decrement_nesting`, ...): removing one unbalances the interpreter's stack."""
+    module = getattr(target, "__module__", None) or ""
+    return module.startswith(("torch._C._functorch", "torch._functorch")) or name.startswith(("_vmap_", "_grad_"))
+
+
 def _is_impure(node: torch.fx.Node) -> bool:
     """Conservative: anything that may write to a tensor, or whose effects we cannot see, is kept."""
     if node.op in ("placeholder", "output", "call_module"):  # a module may mutate its own state
@@ -32,6 +39,8 @@ def _is_impure(node: torch.fx.Node) -> bool:
         if node.is_impure() or node.target in _MUTATING_OPERATORS:
             return True
         name = getattr(node.target, "__name__", "")
+        if _changes_functorch_state(node.target, name):
+            return True
         in_place = name.endswith("_") and not name.endswith("__") and not name.startswith("_")  # torch.relu_
         return in_place or bool(node.kwargs.get("inplace")) or "out" in node.kwargs
     return False

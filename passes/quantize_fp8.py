@@ -35,6 +35,18 @@ def quantize_with_scale(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def fp8_experts(w13: Tensor, w2: Tensor, scales: Optional[tuple[Tensor, Tensor]] = None,
+                w13_meta: Optional[Tensor] = None, w2_meta: Optional[Tensor] = None) -> PackedExperts:
+    """Expert weights (dense, or 2:4-compressed values with their metadata) as FP8 `PackedExperts`, with the given
+    per-output-channel `scales` (w13_scale [E, 2I], w2_scale [E, H]) or max scales. Shared by the module pass and
+    the graph pass (`pack_weights_graph`)."""
+    if scales is not None:
+        (q13, s13), (q2, s2) = (quantize_with_scale(w, s) for w, s in zip((w13, w2), scales))
+    else:
+        (q13, s13), (q2, s2) = quantize_per_channel(w13), quantize_per_channel(w2)
+    return PackedExperts(q13, q2, s13, s2, w13_meta, w2_meta)
+
+
 def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None) -> ModulePassResult:
     """Quantize every fused block; `scales[name]` (optional, per block) replaces the built-in max scales."""
     result = ModulePassResult(NAME)
@@ -48,11 +60,7 @@ def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None) -> ModulePas
             continue
         w13, w2 = (block.w13, block.w2) if packed is None else (packed.w13, packed.w2)
         m13, m2 = (None, None) if packed is None else (packed.w13_meta, packed.w2_meta)
-        if scales is not None and name in scales:
-            (q13, s13), (q2, s2) = (quantize_with_scale(w, s) for w, s in zip((w13, w2), scales[name]))
-        else:
-            (q13, s13), (q2, s2) = quantize_per_channel(w13), quantize_per_channel(w2)
-        planned.append((block, PackedExperts(q13, q2, s13, s2, m13, m2)))
+        planned.append((block, fp8_experts(w13, w2, (scales or {}).get(name), m13, m2)))
     for block, packed in planned:  # install only once every block quantized: a bad scale changes nothing
         result.record(block)
         install(block, packed)

@@ -22,6 +22,20 @@ from moe_compile.quant.sparse24 import compress_24
 NAME = "sparsify_24"
 
 
+def unsupported_24(w13: Tensor, w2: Tensor) -> Optional[str]:
+    """Why these expert weights cannot be 2:4-compressed (a reduction dim not a multiple of 4), or None."""
+    bad = [k for k in (w13.shape[-1], w2.shape[-1]) if k % 4]
+    return f"reduction dim {bad[0]} is not a multiple of 4" if bad else None
+
+
+def sparse24_experts(w13: Tensor, w2: Tensor) -> PackedExperts:
+    """Expert weights magnitude-pruned to 2:4 and compressed (values [.., K/2] + uint8 metadata) as `PackedExperts`;
+    of an already 2:4 weight, exactly its non-zeros. Shared by the module pass and the graph pass."""
+    v13, m13 = compress_24(w13.detach())
+    v2, m2 = compress_24(w2.detach())
+    return PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2)
+
+
 def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> ModulePassResult:
     """pruned: per block name, (w13, w2) already 2:4-sparse (e.g. `quant.sparsegpt`); other blocks are
     magnitude-pruned."""
@@ -36,14 +50,12 @@ def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tenso
         if packed is not None:
             raise ValueError(f"{name}: sparsify_24 must run before quantize_fp8 "
                              f"(its weights are {packed.weight_format})")
-        bad = [k for k in (block.w13.shape[-1], block.w2.shape[-1]) if k % 4]
-        if bad:
-            result.skipped[name] = f"reduction dim {bad[0]} is not a multiple of 4"
+        reason = unsupported_24(block.w13, block.w2)
+        if reason:
+            result.skipped[name] = reason
             continue
         w13, w2 = (pruned or {}).get(name, (block.w13.detach(), block.w2.detach()))
-        v13, m13 = compress_24(w13)  # of an already 2:4 weight: exactly its non-zeros
-        v2, m2 = compress_24(w2)
         result.record(block)
-        install(block, PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2))
+        install(block, sparse24_experts(w13, w2))
     counters["moe_compile"][NAME] += result.count
     return result

@@ -2,6 +2,7 @@
 tuning variants (nvcc -D macros of moe_decode.cu) against the triton backend on the benchmark decode shapes.
 
   python csrc/tools/probe_moe_decode.py [--variants "base;MOE_CP_ASYNC=1"] [--shapes a,b] [--tokens 1,8]
+  python csrc/tools/probe_moe_decode.py --check-cases quick|all --shapes ""   # correctness lines only
 
 A variant is "base" or comma-separated MOE_* macros of csrc/moe_decode_common.cuh (each builds its own library).
 
@@ -54,21 +55,35 @@ def phases(args, scalars, lib):
 
 
 # T > 1 with aligned rows, then odd H and I (unaligned rows: the element-wise load path), at T = 1 and T = 7
-CHECK_CASES = [(7, 32, 4, 96, 64, {}), (2, 32, 4, 96, 64, {}), (1, 32, 4, 97, 61, {}), (7, 32, 4, 97, 61, {})]
+CHECK_CASES = [(7, 32, 4, 96, 64, {}), (2, 32, 4, 96, 64, {}), (1, 32, 4, 97, 61, {}),
+               (7, 32, 4, 97, 61, dict(activation="gelu", scoring="sigmoid"))]
 
 
-def check_cases():
-    """The test module's run_case on CHECK_CASES, one line each, with the grid barrier's timeout flag."""
+def check_cases(which: str):
+    """CHECK_CASES ("quick") or every case of the test module ("all") against the reference, one line each: the
+    verdict, the grid barrier's timeout flag, and from the %globaltimer stamps how many CTAs of the grid started,
+    reached the barrier, passed it and finished their units (a CTA that never started: not co-resident)."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
-    from test_cuda_moe import run_case
+    import test_cuda_moe as t
 
-    for case in CHECK_CASES:
+    for case in CHECK_CASES if which == "quick" else t.CASES:
+        T, E, K, H, I, overrides = case
+        timing = torch.zeros(4096, cuda_moe.TIME_POINTS, dtype=torch.int64, device="cuda")
+        workspace = cuda_moe.new_workspace(T, E, torch.device("cuda"))
         try:
-            run_case(case, torch.bfloat16)
+            tensors, scalars = t.make_inputs(T, E, K, H, I, torch.bfloat16, **overrides)
+            out, ids, weights = cuda_moe.launch(*tensors.values(), *scalars.values(), with_routing=True,
+                                                timing=timing, workspace=workspace)
+            ref_weights, ref_ids, choice = t.reference_routing(tensors, scalars)
+            t.check_routing(ids, weights, ref_ids, ref_weights, choice, near_tie=2e-2)
+            t.check_output(out, t.experts_reference(tensors, scalars, weights, ids), torch.bfloat16)
             verdict = "ok"
         except Exception as exc:  # noqa: BLE001  (a probe reports, it does not stop)
-            verdict = f"FAIL {exc!r}"[:400]
-        print(f"case {case[:5]}: {verdict}; barrier timed out: {cuda_moe.barrier_timed_out()}", flush=True)
+            verdict = f"FAIL {exc!r}"[:300]
+        stamped = (timing > 0).sum(0).tolist()  # CTAs per time point
+        print(f"case {t.case_id(case)} {overrides or ''}: {verdict}; barrier timed out: "
+              f"{cuda_moe.barrier_timed_out(workspace)}; CTAs started / at barrier / past it / listed / done: "
+              f"{stamped[:5]}", flush=True)
 
 
 def main():
@@ -76,10 +91,13 @@ def main():
     p.add_argument("--variants", default="base")
     p.add_argument("--shapes", default="qwen3-30b-a3b,gpt-oss-20b,deepseek-v3,mixtral-8x7b")
     p.add_argument("--tokens", default="1,8")
-    p.add_argument("--check-cases", action="store_true", help="first run CHECK_CASES against the reference")
+    p.add_argument("--check-cases", choices=("quick", "all"), help="first run CHECK_CASES (quick) or the test "
+                   "module's cases (all) against the reference, one line each")
     a = p.parse_args()
     if a.check_cases:
-        check_cases()
+        check_cases(a.check_cases)
+    if not a.shapes:
+        return
     variants = {v: cuda_moe.load_library(tuple(d for d in v.split(",") if d != "base")) for v in a.variants.split(";")}
     bw = utils.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)

@@ -39,7 +39,7 @@ from moe_compile.checkpoint.manifest import (
     versions,
     write_manifest,
 )
-from moe_compile.checkpoint.packed import cast_keeping_packed
+from moe_compile.checkpoint.packed import cast_keeping_packed, restore_fp8_linears
 from moe_compile.checkpoint.restore import match_dtypes, read_header, restore_blocks
 from moe_compile.errors import CheckpointError
 
@@ -123,7 +123,7 @@ def base_manifest(kind: str, model: nn.Module) -> dict[str, Any]:
     blocks = block_entries(model)
     return {
         "format": FORMAT_NAME,
-        "format_version": format_version_for(blocks),
+        "format_version": format_version_for(blocks, model),
         "kind": kind,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -288,6 +288,7 @@ def load(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype 
     if model is None:
         model = _build_hf(directory, manifest, trust_remote_code)
     restore_blocks(model, manifest["blocks"], header)
+    restore_fp8_linears(model, header)
     match_dtypes(model, header)
     _load_weights(model, weights, header, manifest.get("aliases", {}))
     model.to(device)

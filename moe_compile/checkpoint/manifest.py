@@ -22,8 +22,9 @@ from moe_compile.spec import MoESpec
 
 MANIFEST_NAME = "moe_compile_manifest.json"
 FORMAT_NAME = "moe_compile.checkpoint"
-FORMAT_VERSION = 2  # bump on any change an older `load` would misread; `load` refuses versions above its own
-# (2: blocks with packed FP8 / 2:4 experts; checkpoints without them are still written as version 1, see packed.py)
+FORMAT_VERSION = 3  # bump on any change an older `load` would misread; `load` refuses versions above its own
+# (2: blocks with packed FP8 / 2:4 experts; 3: FP8 linears (attention); checkpoints without them are still written
+# as version 1 or 2, see packed.py)
 WEIGHTS_NAME = "model.safetensors"
 _HASH_CHUNK = 1 << 22
 

@@ -3,8 +3,14 @@
   * eager: the default on CPU, and the `conservative` profile;
   * compile: `model.compile(backend="moe_compile", dynamic=True)` — the forward (and so the prefill of `generate`)
     goes through our graph passes and Inductor with a dynamic token count;
-  * cuda_graphs: for HF generative models, `generate` decodes with a static KV cache and replays each decode step
-    from a captured CUDA graph, one per batch-size bucket (see `emit/generate.py`, `emit/buckets.py`);
+  * cuda_graphs: for HF generative models, `generate` decodes with a static KV cache kept per batch-size bucket and
+    replays each decode step from a captured CUDA graph, one per bucket (see `emit/generate.py`, `emit/buckets.py`,
+    `emit/static_caches.py`); with `compile` as well, the prefill is its own compiled path with a dynamic token
+    count (`emit/prefill.py`: forward calls of more than one token per row, while decode steps keep transformers'
+    compiled call). That used to be off: a compiled forward recompiled on the KV cache's state guards at every
+    generate call (transformers makes a new, unallocated static cache per call) and on every new cache length.
+    With the kept, pre-allocated caches it compiles about twice in all (batch 1, larger batches), measured on CPU
+    with transformers 5.17 and 5.24;
   * specialize_phase: the compiled graphs' fused_moe nodes get the decode or prefill kernel by token count
     (passes/specialize_phase.py); it acts where a graph is compiled (compile or cuda_graphs).
 `apply_emit` returns an undo callable so `optimize` can put everything back on a failure.
@@ -17,7 +23,8 @@ from typing import Callable
 
 from torch import nn
 
-from moe_compile.emit.generate import disable_cuda_graph_decode, enable_cuda_graph_decode, is_hf_generative
+from moe_compile.emit.generate import (decode_caches, disable_cuda_graph_decode, enable_cuda_graph_decode,
+                                       is_hf_generative)
 from moe_compile.report import OptimizeResult
 
 log = logging.getLogger("moe_compile")
@@ -44,20 +51,17 @@ def _apply(model: nn.Module, enabled: dict[str, bool], result: OptimizeResult, u
     compiled_somewhere = False
     if enabled.get("cuda_graphs"):
         if is_hf_generative(model):
-            result.passes.append(enable_cuda_graph_decode(model, specialize_phase=specialize))
+            compile_prefill = bool(enabled.get("compile"))
+            described = enable_cuda_graph_decode(model, specialize_phase=specialize, compile_prefill=compile_prefill)
             undo.append(lambda: disable_cuda_graph_decode(model))
+            result.passes.append(described)
             compiled_somewhere = True
-            if enabled.get("compile"):
-                # Measured on transformers 5.17 (H100): a compiled forward recompiles on the KV cache's state guards
-                # at every generate call and hits dynamo's recompile limit. Compiling only the inner model
-                # (`model.model`, dynamic=True) recompiles whenever generate makes a new static cache (new batch
-                # bucket or longer cache): seconds each, against a prefill gain of 7.3 -> 4.6 ms (2 layers of the
-                # Qwen3-30B-A3B shape, batch 1, 512 tokens). So the prefill runs the eager forward, whose MoE
-                # layers are already the fused kernels.
-                enabled = {**enabled, "compile": False}
-                result.features["compile"] = False
-                result.unavailable["compile"] = ("with CUDA-graph decode the prefill runs eager with the fused "
-                                                 "kernels: a compiled forward recompiles on the KV cache state")
+            if compile_prefill:
+                enabled = {**enabled, "compile": False}  # done: the prefill path is compiled, not model.compile
+                caches = decode_caches(model)
+                if caches is not None and not caches.installed:
+                    result.notes["compile"] = ("this transformers version cannot be handed a kept static cache: "
+                                               "generate's prefill runs eager, plain forward calls compiled")
         else:
             result.features["cuda_graphs"] = False
             result.unavailable["cuda_graphs"] = ("CUDA-graph decode needs a transformers generative model "

@@ -9,6 +9,8 @@ that graph. `BucketedGenerate` wraps `model.generate`:
     (eos, `max_length`, stop strings and the caller's own criteria act on the real rows as before);
   * rows are independent in a decoder (attention per row, MoE routing per token), so the real rows' tokens do not
     depend on the added ones; the output is cut back to the real rows.
+A call run in a bucket (padded or not) gets the bucket's kept static KV cache (emit/static_caches.py, through
+the `on_batch` context), so buckets used in turn keep their decode graphs.
 Sampling draws over the padded batch, so a seeded sampling run differs from an unpadded one (it stays seeded).
 Calls that padding could change are passed through unpadded (their batch gets its own graph), and say why in the
 debug log: beam search, several return sequences, `return_dict_in_generate` (outputs and cache hold the padded
@@ -17,6 +19,7 @@ batch), an assistant model, a streamer, a caller's cache, or per-row inputs othe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -32,7 +35,8 @@ PADDABLE = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids")
 # arguments whose presence makes padding unsafe or pointless (they see or return per-row state of the batch)
 UNPADDABLE_ARGUMENTS = ("assistant_model", "streamer", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                         "negative_prompt_attention_mask", "synced_gpus", "custom_generate")
-UNPADDABLE_KWARGS = ("past_key_values", "cache", "assistant_model", "encoder_outputs")
+CACHE_KWARGS = ("past_key_values", "cache")  # a caller's own KV cache (the keyword of transformers 5.17 / 5.24)
+UNPADDABLE_KWARGS = (*CACHE_KWARGS, "assistant_model", "encoder_outputs")
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -80,12 +84,14 @@ def padding_rows_done(real_rows: int) -> Any:
 class BucketedGenerate:
     """Replaces `model.generate` (an instance attribute, removed on undo): pads the batch to its bucket."""
 
-    def __init__(self, model: torch.nn.Module, buckets: Sequence[int], on_batch: Callable[[int, int], Any]):
+    def __init__(self, model: torch.nn.Module, buckets: Sequence[int], on_batch: Callable[[int, int], Any],
+                 callers_cache: Callable[[], Any] = contextlib.nullcontext):
         self.model = model
         self.original = model.generate  # the bound method of the class
         self.signature = inspect.signature(self.original)
         self.buckets = check_buckets(buckets)
         self.on_batch = on_batch  # context manager factory (real rows, bucket) -> labels the decode graphs
+        self.callers_cache = callers_cache  # context manager factory for calls that bring their own KV cache
         self.__wrapped__ = self.original
         self.__doc__ = self.original.__doc__
 
@@ -94,7 +100,10 @@ class BucketedGenerate:
         plan = self._plan(bound.arguments)
         if isinstance(plan, str):
             log.debug("generate: batch not padded to a bucket (%s)", plan)
-            return self.original(*args, **kwargs)
+            model_kwargs = bound.arguments.get("kwargs", {})
+            own_cache = any(model_kwargs.get(name) is not None for name in CACHE_KWARGS)
+            with self.callers_cache() if own_cache else contextlib.nullcontext():
+                return self.original(*args, **kwargs)
         batch, bucket = plan
         if batch == bucket:
             with self.on_batch(batch, bucket):

@@ -6,14 +6,16 @@ Per call the wrapper costs two counter reads. The first decode step of a new buc
 our passes, Inductor: seconds) and the next one records its CUDA graph; that first step runs under a spinner
 ("capturing decode graph for batch 3 (bucket 4)...") on a terminal, and both are logged with their counts.
 
-Counts: `counters["moe_compile"]["graphs"]` (graphs our backend compiled) and
+Counts: `counters["moe_compile"]["graphs"]` (graphs our backend compiled, all paths),
+`counters["moe_compile"]["decode_graphs"]` (those compiled in a decode step) and
 `counters["moe_compile"]["cudagraph_recordings"]` (CUDA graphs Inductor's cudagraph trees recorded, from Dynamo's
 compilation callbacks). `DecodeGraphs.compiled[bucket]` / `.recorded[bucket]` split them per decode batch size.
 Recompiles are bounded: Dynamo's `recompile_limit` (per code object; the decode step is one) is raised to the
 number of buckets plus Dynamo's default while installed, and every compile after a bucket's first is logged.
-Measured on transformers 5.17 (H100): the decode step also recompiles whenever `generate` makes a new static
-cache, i.e. when the bucket changes from the previous call or the cache must grow; consecutive calls in one bucket
-replay. Past the limit Dynamo runs the step eagerly (correct, slow) and says so.
+The decode step is compiled again for a bucket only when the bucket's kept static cache grows (a longer call;
+emit/static_caches.py logs it); before caches were kept per bucket, transformers' new cache per `generate` call
+recompiled the step whenever its length changed, and Inductor recorded the CUDA graph again for its new tensors.
+Past the limit Dynamo runs the step eagerly (correct, slow) and says so.
 """
 
 from __future__ import annotations
@@ -151,11 +153,13 @@ class DecodeGraphs:
     def _note(self, batch: Optional[int], compiled: int, recorded: int) -> None:
         repeat = self.compiled[batch] > 0 and compiled > 0
         self.compiled[batch] += compiled
+        counters["moe_compile"]["decode_graphs"] += compiled
         self.recorded[batch] += recorded
         if recorded:
             log.info("captured %d CUDA graph(s) for decode bucket %s; %d decode bucket(s) captured: %s", recorded,
                      batch, len(self.captured_buckets), self.captured_buckets)
         if repeat:
             log.warning("decode step recompiled for bucket %s (%d graphs for it so far; Dynamo recompile_limit %d): "
-                        "set TORCH_LOGS=recompiles to see which guard failed", batch, self.compiled[batch],
+                        "expected after its static cache grew, else set TORCH_LOGS=recompiles to see which guard "
+                        "failed", batch, self.compiled[batch],
                         torch._dynamo.config.recompile_limit)

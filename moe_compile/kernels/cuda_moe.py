@@ -1,7 +1,9 @@
 """The `cuda` backend of `fused_moe`: csrc/moe_decode.cu, one persistent launch per MoE layer at decode sizes.
 
 Router logits, routing, gate_up, activation, down and the combine all run in that one launch (no host
-synchronisation, so CUDA graphs capture it and replay it correctly when the routing changes). Decode sizes are
+synchronisation, so CUDA graphs capture it and replay it correctly when the routing changes). Its workspace (grid
+barrier counters, router-logit sums) is a zeroed temporary taken from the caching allocator on every call, like its
+fp32 accumulator: nothing outlives a call but the output, as Inductor's cudagraph trees require. Decode sizes are
 T <= 16 tokens, top_k <= 16, E <= 512, bf16 or fp16; any other case runs the `triton` backend (logged once at debug
 level), and without triton raises `UnsupportedByCuda` naming the fallback.
 
@@ -25,7 +27,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -36,9 +37,8 @@ ENABLE_ENV = "MOE_COMPILE_CUDA_BACKEND"
 if not torch.cuda.is_available():
     raise ImportError("the cuda backend needs a CUDA device (none visible)")
 if os.environ.get(ENABLE_ENV) != "1":  # cheap: nothing is built unless asked for
-    raise ImportError(f"the cuda backend is experimental and off by default (first H100 measurements: slower than "
-                      f"triton; one odd-shape case unresolved, see csrc/NOTES.md); set {ENABLE_ENV}=1 to build and "
-                      f"register it")
+    raise ImportError(f"the cuda backend is experimental and off by default (H100 measurements so far: slower than "
+                      f"triton, see csrc/NOTES.md); set {ENABLE_ENV}=1 to build and register it")
 
 from moe_compile.kernels.op import BackendUnsupported, register_backend  # noqa: E402
 
@@ -146,27 +146,17 @@ MAX_TOKENS, MAX_TOP_K, MAX_EXPERTS, _, TIME_POINTS = (_LIB.moe_decode_limit(i) f
 FALLBACK = "use fused_moe(..., backend='triton') or backend='reference'"
 
 
-class _Workspace:
-    """Per (device, stream): the barrier/done counters and the logits accumulator, which the kernel leaves zeroed
-    after every launch. Per stream so that launches on different streams never share counters."""
-
-    def __init__(self, device: torch.device):
-        self.sync = torch.zeros(4, dtype=torch.int32, device=device)
-        self.logits = torch.zeros(MAX_TOKENS * MAX_EXPERTS, dtype=torch.float32, device=device)
-
-
-_WORKSPACES: dict[tuple[int, int], _Workspace] = {}
-_LOCK = threading.Lock()
 _LOGGED: set[str] = set()
+_SYNC_WORDS = 4  # moe::SyncSlot: barrier count, barrier generation, done count, timed-out flag
 
 
-def _workspace(device: torch.device, stream: int) -> _Workspace:
-    key = (device.index or 0, stream)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        with _LOCK:
-            ws = _WORKSPACES.setdefault(key, _Workspace(device))
-    return ws
+def new_workspace(tokens: int, experts: int, device: torch.device) -> Tensor:
+    """A zeroed workspace for one launch: int32 [4 + T * E], the kernel's grid-barrier and done counters (SyncSlot)
+    followed by the fp32 router-logit sums [T, E] (zero bits = 0.0). The op allocates one per call through the
+    caching allocator, so nothing outlives the call and CUDA-graph capture (Inductor's cudagraph trees included)
+    owns no hidden state. The kernel leaves it zeroed again but for the barrier's generation word (any value
+    works), so a caller may also reuse one, on one stream, for any T * E up to its size."""
+    return torch.zeros(_SYNC_WORDS + tokens * experts, dtype=torch.int32, device=device)
 
 
 def unsupported_reason(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor],
@@ -262,11 +252,12 @@ def _delegate(reason: str, args: tuple) -> Tensor:
 
 def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize, n_group,
            topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
-           with_routing: bool = False, timing: Optional[Tensor] = None,
-           lib: Optional[ctypes.CDLL] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+           with_routing: bool = False, timing: Optional[Tensor] = None, lib: Optional[ctypes.CDLL] = None,
+           workspace: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One kernel launch for a supported case -> (out [T, H], and with_routing: expert ids [T, K] int32 and
     weights [T, K] fp32 as the kernel selected them, for tests). timing: int64 [G, TIME_POINTS] to receive each
-    CTA's %globaltimer at the phase boundaries; lib: a variant from load_library (benchmarks)."""
+    CTA's %globaltimer at the phase boundaries; lib: a variant from load_library (benchmarks); workspace: from
+    new_workspace (default: a fresh one, freed with the call), to read barrier_timed_out from afterwards."""
     tokens, hidden = x.shape
     experts, _, inter = w2.shape
     x = x.contiguous()
@@ -274,7 +265,11 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
         router_bias = router_bias.to(router_weight.dtype).contiguous()  # as reference.router_logits
     device = x.device
     stream = torch.cuda.current_stream(device).cuda_stream
-    ws = _workspace(device, stream)
+    if workspace is None:
+        workspace = new_workspace(tokens, experts, device)
+    elif workspace.dtype != torch.int32 or not workspace.is_cuda or workspace.numel() < _SYNC_WORDS + tokens * experts:
+        raise ValueError(f"workspace must be cuda_moe.new_workspace({tokens}, {experts}, device): int32, at least "
+                         f"{_SYNC_WORDS + tokens * experts} elements")
     out = torch.empty_like(x)
     acc = torch.empty(tokens, hidden, dtype=torch.float32, device=device)
     ids = weights = None
@@ -288,7 +283,8 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
     grouped = n_group > 1 and topk_group < n_group
     a = MoeArgs(
         x=ptr(x), router_w=ptr(router_weight), router_b=ptr(router_bias), corr=ptr(correction_bias), w13=ptr(w13),
-        w2=ptr(w2), b13=ptr(b13), b2=ptr(b2), out=ptr(out), acc=ptr(acc), logits=ptr(ws.logits), sync=ptr(ws.sync),
+        w2=ptr(w2), b13=ptr(b13), b2=ptr(b2), out=ptr(out), acc=ptr(acc), logits=workspace.data_ptr() + 4 * _SYNC_WORDS,
+        sync=ptr(workspace),
         route_ids=ptr(ids), route_weights=ptr(weights), timing=ptr(timing),
         T=tokens, E=experts, K=top_k, H=hidden, I=inter, gated=int(w13.shape[1] == 2 * inter),
         x_dtype=_DTYPE_CODES[x.dtype], router_dtype=_DTYPE_CODES[router_weight.dtype],
@@ -306,11 +302,10 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
     return out, ids, weights
 
 
-def barrier_timed_out(device: Optional[torch.device] = None) -> bool:
-    """Whether a launch on this device and stream ever waited past the grid barrier's timeout (a bug: the kernel
-    then carries on with wrong results rather than hang). Synchronises; for tests."""
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    return bool(_workspace(device, torch.cuda.current_stream(device).cuda_stream).sync[3].item())
+def barrier_timed_out(workspace: Tensor) -> bool:
+    """Whether the launch that used `workspace` waited past the grid barrier's timeout (a bug: the kernel then
+    finishes instead of hanging, and writes NaN to its output). Synchronises; for tests."""
+    return bool(workspace[3].item())
 
 
 register_backend("cuda", cuda_fused_moe)

@@ -8,7 +8,8 @@ are the `triton` backend's (`triton_moe`): the same launches, none of them synch
 capture and replay stay correct when the routing changes.
 
 Launches at one token: router logits, route (+ expert tiles, + zeroed output), [FP8: quantize x + zero the inter
-row maxima], gate_up, down, cast. Dense 16-bit weights go to `triton_moe.triton_fused_moe` unchanged.
+row maxima], gate_up, [FP8 at decode: quantize inter], down, cast. Dense 16-bit weights go to
+`triton_moe.triton_fused_moe` unchanged.
 
 Dimension legend: T = tokens, K = top_k, N = T*K routed rows, E = experts, H = hidden, I = intermediate,
 P = padded slots.
@@ -26,9 +27,21 @@ from moe_compile.kernels import reference
 from moe_compile.kernels import triton_moe  # raises ImportError without Triton or a CUDA device
 from moe_compile.kernels.op import BackendUnsupported, register_packed_backend
 from moe_compile.kernels.triton.align import align_by_expert
-from moe_compile.kernels.triton.configs import MoEConfig, expected_tiles, num_sms, select_config
+from moe_compile.kernels.triton.configs import (
+    GemmConfig,
+    MoEConfig,
+    _split_k,
+    expected_tiles,
+    num_sms,
+    select_config,
+)
 from moe_compile.kernels.triton.experts import ACTIVATIONS
-from moe_compile.kernels.triton.packed import packed_down_kernel, packed_gate_up_kernel, quantize_rows_kernel
+from moe_compile.kernels.triton.packed import (
+    packed_down_kernel,
+    packed_gate_up_kernel,
+    quantize_inter_kernel,
+    quantize_rows_kernel,
+)
 
 import triton  # noqa: E402  (after triton_moe, which turns a missing Triton into a clear ImportError)
 
@@ -37,12 +50,28 @@ _ACT_DTYPES = (torch.bfloat16, torch.float16)
 _ACT_QUANTS = ("none", "fp8_per_token")
 FALLBACK = "use fused_moe_packed(..., backend='reference'), which runs any packed case on any device"
 QUANT_BLOCK_MAX = 4096  # columns a program of quantize_rows_kernel handles per step
+QUANT_INTER_BLOCK = 512  # columns a program of quantize_inter_kernel handles (x BLOCK_M rows)
 DECODE_BLOCK_M = 16  # the tensor-core decode regime of `configs.select_config`
-# FP8 decode tiles twice as wide (half the programs) while the down GEMM has fewer programs than this per SM.
-# Swept on an H100 (benchmarks/results/sweep_fp8_decode_H100_2026-11-26.txt, graph replay): Mixtral 1 / 8 / 32
-# tokens 281 -> 203, 699 -> 545, 703 -> 551 us; Qwen3 1 token 57.8 -> 47.3; Qwen3 8 / 32 tokens (12 and 27 down
-# programs per SM) 124 -> 130 and 244 -> 253, hence the bound.
-FP8_WIDE_PROGRAMS_PER_SM = 8
+# Decode tiles of the packed kernels (SWAP_AB: BN is the wgmma M side, so at least 64 for 4 warps). BK counts
+# dense K positions: 256 e4m3 = 256 B a row a stage, like the 16-bit 128. Swept on an H100, graph replay
+# (benchmarks/results/sweep_packed_H100_2026-11-26_v5.txt, benchmarks/NOTES.md version 5).
+DECODE_BLOCK_N = 64
+DECODE_BLOCK_K_FP8 = 256
+DECODE_BLOCK_K_16BIT = 128
+DECODE_STAGES = 4
+FP8_DECODE_STAGES = 3  # FP8 alone: 3 stages beat 4 by 3% at Qwen3 8 / 32 tokens, within 1% elsewhere
+# 2:4 with 16-bit values takes the swapped tiles only up to this many routed rows per expert: beyond it the plain
+# mma.sync tiles of the 16-bit backend were 9-12% faster (Qwen3 8 / 32 tokens, Mixtral 8 / 32), below it the
+# swapped ones 4-15% (Qwen3, Mixtral at one token).
+SPARSE24_SWAP_MAX_ROWS_PER_EXPERT = 0.25
+
+
+@dataclass(frozen=True)
+class PackedConfig(MoEConfig):
+    """A `MoEConfig` with the packed kernels' own choices: swap_ab runs both GEMMs as w x a^T (wgmma at BM 16);
+    quantize_inter quantizes inter to e4m3 once (FP8) instead of in every down program."""
+    swap_ab: bool = False
+    quantize_inter: bool = False
 
 
 class UnsupportedPacked(BackendUnsupported):
@@ -125,26 +154,41 @@ def check_supported(x: Tensor, w13: Tensor, w2: Tensor, w13_scale: Optional[Tens
     return fmt
 
 
-def packed_config(num_rows: int, num_experts: int, fmt: PackedFormat, device_index: int) -> MoEConfig:
-    """The `triton` backend's tile config for these sizes; dense FP8 tiles take twice the K (same bytes a stage).
-    2:4 tiles keep the 16-bit K (their selected weights live in registers), at least 128 with FP8 so that each of
-    the 4 dots a step has the 32 positions an e4m3 tensor-core dot needs."""
+def packed_config(num_rows: int, num_experts: int, fmt: PackedFormat, device_index: int) -> PackedConfig:
+    """The `triton` backend's tile config for these sizes, adapted to packed weights: at decode (BLOCK_M 16) the
+    swapped tiles of `swapped_decode_config` (FP8 always; 2:4 with 16-bit values up to
+    SPARSE24_SWAP_MAX_ROWS_PER_EXPERT), else the 16-bit tiles, FP8 ones twice as deep (same bytes a stage) and 2:4
+    ones at the 16-bit K (expanded in registers)."""
     cfg = select_config(num_rows, num_experts, fmt.hidden, fmt.inter, device_index, allow_gemv=False)
-    if fmt.fp8:
-        def widen(g):
-            return replace(g, block_k=max(128, g.block_k) if fmt.sparse else min(256, 2 * g.block_k))
-        cfg = replace(cfg, gate_up=widen(cfg.gate_up), down=widen(cfg.down))
-        if not fmt.sparse and cfg.block_m == DECODE_BLOCK_M and _down_programs(cfg, num_rows, num_experts, fmt) < \
-                FP8_WIDE_PROGRAMS_PER_SM * num_sms(device_index):
-            cfg = replace(cfg, gate_up=replace(cfg.gate_up, block_n=2 * cfg.gate_up.block_n),
-                          down=replace(cfg.down, block_n=2 * cfg.down.block_n))
+    if cfg.block_m == DECODE_BLOCK_M and (fmt.fp8 or num_rows / num_experts <= SPARSE24_SWAP_MAX_ROWS_PER_EXPERT):
+        return swapped_decode_config(num_rows, num_experts, fmt, device_index, quantize_inter=fmt.fp8)
+    cfg = as_packed_config(cfg)
+    if fmt.fp8 and not fmt.sparse:
+        cfg = replace(cfg, gate_up=replace(cfg.gate_up, block_k=min(256, 2 * cfg.gate_up.block_k)),
+                      down=replace(cfg.down, block_k=min(256, 2 * cfg.down.block_k)))
     return cfg
 
 
-def _down_programs(cfg: MoEConfig, num_rows: int, num_experts: int, fmt: PackedFormat) -> float:
-    """Programs of the down GEMM at balanced routing: expert tiles x column tiles x split-K."""
-    tiles = expected_tiles(num_rows, num_experts, cfg.block_m)
-    return tiles * triton.cdiv(fmt.hidden, cfg.down.block_n) * cfg.down.split_k
+def swapped_decode_config(num_rows: int, num_experts: int, fmt: PackedFormat, device_index: int,
+                          quantize_inter: bool) -> PackedConfig:
+    """Decode tiles (BLOCK_M 16) run as w x a^T: DECODE_BLOCK_N weight columns a program (wgmma), the down GEMM
+    split along I until ~PROGRAMS_PER_SM programs per SM stream weights; FP8 inter quantized once if asked."""
+    block_k = DECODE_BLOCK_K_FP8 if fmt.fp8 else DECODE_BLOCK_K_16BIT
+    stages = FP8_DECODE_STAGES if fmt.fp8 and not fmt.sparse else DECODE_STAGES
+    tiles = expected_tiles(num_rows, num_experts, DECODE_BLOCK_M)
+    split = _split_k(fmt.hidden, fmt.inter, DECODE_BLOCK_N, block_k, tiles, num_sms(device_index))
+    return PackedConfig(DECODE_BLOCK_M, GemmConfig(DECODE_BLOCK_N, block_k, 4, stages),
+                        GemmConfig(DECODE_BLOCK_N, block_k, 4, stages, split), group_m=1, atomic_combine=True,
+                        swap_ab=True, quantize_inter=quantize_inter and fmt.fp8)
+
+
+def as_packed_config(cfg: MoEConfig) -> PackedConfig:
+    """A plain `MoEConfig` (sweeps, callers of the 16-bit backend) as the packed kernels' config: no swap, FP8
+    inter quantized in the down kernel."""
+    if isinstance(cfg, PackedConfig):
+        return cfg
+    return PackedConfig(**{f: getattr(cfg, f) for f in ("block_m", "gate_up", "down", "group_m", "atomic_combine",
+                                                         "gemv")})
 
 
 def triton_fused_moe_packed(
@@ -173,8 +217,8 @@ def triton_fused_moe_packed(
     act_quant: str,
     config: Optional[MoEConfig] = None,
 ) -> Tensor:
-    """Same contract as `reference.torch_fused_moe_packed`: [T, H] -> [T, H] in x's dtype. `config` overrides the
-    tile config (benchmarks and sweeps)."""
+    """Same contract as `reference.torch_fused_moe_packed`: [T, H] -> [T, H] in x's dtype. `config` (a
+    `PackedConfig`, or a plain `MoEConfig`: no swap, no inter pass) overrides the tile config (benchmarks, sweeps)."""
     fmt = check_supported(x, w13, w2, w13_scale, w2_scale, w13_meta, w2_meta, activation, act_quant, weight_on_input)
     scalars = (top_k, scoring, renormalize, n_group, topk_group, routed_scaling)
     if not (fmt.fp8 or fmt.sparse):  # dense 16-bit weights: the plain triton backend
@@ -184,7 +228,8 @@ def triton_fused_moe_packed(
     if tokens == 0:
         return torch.zeros_like(x)
     num_experts = w13.shape[0]
-    cfg = config or packed_config(tokens * top_k, num_experts, fmt, x.device.index or 0)
+    cfg = as_packed_config(config) if config is not None else packed_config(tokens * top_k, num_experts, fmt,
+                                                                             x.device.index or 0)
     logits = reference.router_logits(x, router_weight, router_bias)  # [T, E], cuBLAS: the reference's bits
     route_args = (correction_bias, *scalars)
     if triton_moe._route_in_triton(logits, top_k):
@@ -216,6 +261,18 @@ def _quantize_x(x: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def _quantize_inter(act: Tensor, inter_amax: Tensor, sorted_rows: Tensor, tile_expert: Tensor, num_tiles: int,
+                    num_rows: int, block_m: int) -> Tensor:
+    """inter [P, I] -> e4m3 [P, I], each used row with its own scale inter_amax / 448 (rows of pad slots unset)."""
+    slots, inter = act.shape
+    q = torch.empty(slots, inter, dtype=FP8_DTYPE, device=act.device)
+    quantize_inter_kernel[(num_tiles, triton.cdiv(inter, QUANT_INTER_BLOCK))](
+        act, inter_amax, q, sorted_rows, tile_expert, num_rows, inter, act.stride(0), q.stride(0),
+        BLOCK_M=block_m, BLOCK=QUANT_INTER_BLOCK, num_warps=4,
+    )
+    return q
+
+
 def _packed_experts(x, topk_w, aligned, w13, w2, w13_scale, w2_scale, w13_meta, w2_meta, b13, b2, fmt,
                     weight_on_input, activation, alpha, limit, top_k, cfg, out) -> None:
     """gate_up then down over aligned rows, adding into out [T, H] fp32 (zeroed)."""
@@ -230,7 +287,7 @@ def _packed_experts(x, topk_w, aligned, w13, w2, w13_scale, w2_scale, w13_meta, 
     m13, m2 = (w13_meta, w2_meta) if fmt.sparse else (dummy.view(1, 1, -1), dummy.view(1, 1, -1))
     bias13 = b13.contiguous() if b13 is not None else dummy.view(1, -1)
     bias2 = b2.contiguous() if b2 is not None else dummy.view(1, -1)
-    common = dict(TOP_K=top_k, FP8=fmt.fp8, SPARSE=fmt.sparse, W_BITS=8 * w13.element_size(),
+    common = dict(TOP_K=top_k, FP8=fmt.fp8, SPARSE=fmt.sparse, W_BITS=8 * w13.element_size(), SWAP_AB=cfg.swap_ab,
                   BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m)
     if fmt.sparse:  # the kernels read each 2:4 group's two values as one word
         word = torch.int32 if w13.element_size() == 2 else torch.int16
@@ -238,21 +295,24 @@ def _packed_experts(x, topk_w, aligned, w13, w2, w13_scale, w2_scale, w13_meta, 
     g = cfg.gate_up
     packed_gate_up_kernel[(num_tiles * triton.cdiv(inter, g.block_n),)](
         a_in, x_scale, w13, s13, m13, bias13, topk_w, sorted_rows, tile_expert, act, inter_amax,
-        topk_w.numel(), hidden, inter, num_tiles,
+        topk_w.numel(), hidden, inter, num_tiles, m13.shape[-1],
         a_in.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), m13.stride(0), m13.stride(1), bias13.stride(0),
         act.stride(0), float(alpha), float(limit),
         GATED=w13.shape[1] == 2 * inter, HAS_BIAS=b13 is not None, SCALE_INPUT=weight_on_input,
         ACT=ACTIVATIONS[activation], BLOCK_N=g.block_n, BLOCK_K=g.block_k,
         num_warps=g.num_warps, num_stages=g.num_stages, **common,
     )
+    a_e4m3 = fmt.fp8 and cfg.quantize_inter
+    if a_e4m3:
+        act = _quantize_inter(act, inter_amax, sorted_rows, tile_expert, num_tiles, topk_w.numel(), cfg.block_m)
     d = cfg.down
     packed_down_kernel[(num_tiles * triton.cdiv(hidden, d.block_n), d.split_k)](
         act, inter_amax, w2, s2, m2, bias2, topk_w, sorted_rows, tile_expert, out,
-        topk_w.numel(), hidden, inter, num_tiles,
+        topk_w.numel(), hidden, inter, num_tiles, m2.shape[-1],
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), m2.stride(0), m2.stride(1), bias2.stride(0),
         out.stride(0),
-        HAS_BIAS=b2 is not None, SCALE_OUTPUT=not weight_on_input, BLOCK_N=d.block_n, BLOCK_K=d.block_k,
-        SPLIT_K=d.split_k, num_warps=d.num_warps, num_stages=d.num_stages, **common,
+        HAS_BIAS=b2 is not None, SCALE_OUTPUT=not weight_on_input, A_E4M3=a_e4m3, BLOCK_N=d.block_n,
+        BLOCK_K=d.block_k, SPLIT_K=d.split_k, num_warps=d.num_warps, num_stages=d.num_stages, **common,
     )
 
 

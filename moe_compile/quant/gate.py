@@ -10,6 +10,14 @@ algorithm, `moe_compile.quant.modelopt_calib`) and otherwise logs how to install
 calibration; "modelopt" (max) and "modelopt-mse" (MSE-searched weight amax) require ModelOpt; "max" is the built-in
 one. The method is recorded in `quality["fp8"]["calibration"]`. If anything fails, every step applied so far is
 undone.
+
+FP8 covers the attention projections too (`passes/quantize_linears_fp8.py`, `FP8Linear`): once the experts' FP8 is
+accepted, the attention linears go to FP8 as a second step, `quality["fp8_attention"]`, measured against the model
+before any FP8 with the same threshold (`quality_thresholds["fp8_attention"]` overrides it). So the whole FP8 feature
+stays within one perplexity budget, and where attention does not fit in it only that step is undone and the expert
+FP8 stays (a rejected attention step does not turn the `fp8` feature off). Where the FP8 kernels run, linears whose
+shapes `torch._scaled_mm` cannot run are left in high precision (skipped, with the reason). `fp8_attention=False`
+keeps attention in high precision.
 """
 
 from __future__ import annotations
@@ -90,9 +98,14 @@ def _sparsity_calibration(model: nn.Module, ids: Optional[torch.Tensor]) -> tupl
     return ids, "calibration_text"
 
 
+STEP_FEATURE = {"fp8_attention": "fp8"}  # gated steps that belong to another step's feature
+KERNEL_PROBE = 16  # a shape every FP8 kernel takes: asks only whether the device has them
+
+
 def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str, dict],
             sparsity_method: str = "auto") -> list[tuple[str, Callable[[nn.Module], ModulePassResult]]]:
     from moe_compile.passes.quantize_fp8 import quantize_fp8
+    from moe_compile.passes.quantize_linears_fp8 import quantize_linears_fp8
     from moe_compile.passes.sparsify_24 import sparsify_24
 
     def fp8(model: nn.Module) -> ModulePassResult:
@@ -103,7 +116,16 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         pruned, records["sparsity_24"] = sparsity_pruned(model, ids, sparsity_method)
         return sparsify_24(model, pruned)
 
-    return [("sparsity_24", sparsity), ("fp8", fp8)]  # prune dense weights, then quantize kept values
+    def fp8_attention(model: nn.Module) -> ModulePassResult:
+        from moe_compile.quant.fp8_linear import kernel_unsupported
+
+        device = next(model.parameters()).device
+        kernels = kernel_unsupported(device, KERNEL_PROBE, KERNEL_PROBE) is None  # an aligned shape: the device
+        records["fp8_attention"] = {"method": "max"}  # per-output-channel amax / 448
+        return quantize_linears_fp8(model, skip_unaligned=kernels)
+
+    # prune dense weights, then quantize kept values; then the attention linears
+    return [("sparsity_24", sparsity), ("fp8", fp8), ("fp8_attention", fp8_attention)]
 
 
 def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor]:
@@ -128,11 +150,12 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
                         thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto",
-                        auto_features: Optional[set[str]] = None, sparsity_method: str = "auto"
-                        ) -> list[ModulePassResult]:
+                        auto_features: Optional[set[str]] = None, sparsity_method: str = "auto",
+                        fp8_attention: bool = True) -> list[ModulePassResult]:
     """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
     the passes applied so far are undone before it propagates. `auto_features`: the enabled ones that the profile
-    set to `auto` (not forced), dropped when there is no calibration text to gate them on."""
+    set to `auto` (not forced), dropped when there is no calibration text to gate them on. `fp8_attention`: FP8
+    also quantizes the attention linears (see the module docstring)."""
     if not any(enabled.get(name) for name in DEFAULT_THRESHOLDS):
         return []
     if not any(isinstance(m, FusedMoEBlock) for m in model.modules()):
@@ -151,7 +174,7 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
     ran: list[tuple[str, ModulePassResult]] = []
     try:
         _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran,
-                   sparsity_method)
+                   sparsity_method, fp8_attention)
     except BaseException:
         for _, outcome in reversed(ran):
             outcome.undo()  # a no-op for a step the gate already rolled back
@@ -161,19 +184,30 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
 
 def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Optional[torch.Tensor],
                limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]],
-               sparsity_method: str = "auto") -> None:
+               sparsity_method: str = "auto", fp8_attention: bool = True) -> None:
     """The gate's loop; appends every pass it runs to `ran` at once (for the caller's undo on an error)."""
     from moe_compile.quality.eval import perplexity
 
     records: dict[str, dict] = {}
     wanted = [(name, run) for name, run in _passes(ids, fp8_calibration, records, sparsity_method)
-              if enabled.get(name)]
+              if enabled.get(STEP_FEATURE.get(name, name)) and (fp8_attention or name != "fp8_attention")]
     base = None if ids is None else perplexity(model, text=ids)
+    before_fp8 = base
     for name, run in wanted:
+        if name == "fp8_attention":
+            if not result.quality.get("fp8", {}).get("applied"):
+                result.quality[name] = {"applied": False, "gated": False,
+                                        "reason": "expert FP8 was not applied, so attention stays in high precision"}
+                continue
+            base = before_fp8  # the FP8 feature as a whole stays within one budget
+            limits = {**limits, name: limits.get(name, limits["fp8"])}
+        elif name == "fp8":
+            before_fp8 = base
         outcome = run(model)
         ran.append((name, outcome))
         pass_name = outcome.name
-        record: dict[str, Any] = {"blocks": outcome.count, "threshold": limits[name]}
+        record: dict[str, Any] = {"linears" if name in STEP_FEATURE else "blocks": outcome.count,
+                                  "threshold": limits[name]}
         if outcome.skipped:
             record["skipped"] = dict(outcome.skipped)
         if name in records:
@@ -190,10 +224,14 @@ def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Opt
             if not accepted:
                 outcome.undo()
                 counters["moe_compile"][pass_name] -= outcome.count
-                result.features[name] = False
-                result.unavailable[name] = (f"quality gate: perplexity +{increase:.2%} on calibration text "
-                                            f"({base:.3f} -> {ppl:.3f}) exceeds the {limits[name]:.2%} threshold")
-                log.info("moe_compile: %s rolled back: %s", name, result.unavailable[name])
+                reason = (f"quality gate: perplexity +{increase:.2%} on calibration text ({base:.3f} -> {ppl:.3f}) "
+                          f"exceeds the {limits[name]:.2%} threshold")
+                if name in STEP_FEATURE:  # a step of a feature that stays applied: its record says why
+                    record["reason"] = reason
+                else:
+                    result.features[name] = False
+                    result.unavailable[name] = reason
+                log.info("moe_compile: %s rolled back: %s", name, reason)
             else:
                 base = ppl
         result.quality[name] = record

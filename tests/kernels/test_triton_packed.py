@@ -27,7 +27,16 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)", allow_module_level=True)
 try:
     from moe_compile.kernels import reference
-    from moe_compile.kernels.triton_packed import UnsupportedPacked, check_supported, triton_fused_moe_packed
+    from moe_compile.kernels.triton.configs import select_config
+    from moe_compile.kernels.triton_packed import (
+        PackedFormat,
+        UnsupportedPacked,
+        as_packed_config,
+        check_supported,
+        packed_config,
+        swapped_decode_config,
+        triton_fused_moe_packed,
+    )
 except ImportError as exc:
     pytest.skip(f"triton packed backend unavailable: {exc}", allow_module_level=True)
 
@@ -114,6 +123,27 @@ def test_odd_sizes_and_fp16(fmt):
     sizes = (97, 61) if fmt == "fp8" else (100, 44)
     args, scalars = make_case(9, 16, 4, *sizes, fmt, torch.float16)
     check_against_reference(args, scalars, fmt, torch.float16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="GPU sizes")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tiles", ["chosen", "plain", "swapped", "swapped_in_loop"])
+def test_decode_tile_forms_agree(fmt, tiles):
+    """Every decode tile form matches the reference: the one packed_config picks, the 16-bit backend's plain tiles
+    (FP8 inter quantized inside the down kernel), the swapped wgmma tiles with FP8 inter quantized once, and the
+    swapped tiles quantizing inter in the down kernel."""
+    T, E, K, H, I = 4, 32, 4, 512, 320  # I not a multiple of the 64-column decode tile
+    args, scalars = make_case(T, E, K, H, I, fmt, torch.bfloat16)
+    packed_fmt = PackedFormat("fp8" in fmt, "sparse24" in fmt, H, I)
+    config = {
+        "chosen": packed_config(T * K, E, packed_fmt, 0),
+        "plain": as_packed_config(select_config(T * K, E, H, I, 0, allow_gemv=False)),
+        "swapped": swapped_decode_config(T * K, E, packed_fmt, 0, quantize_inter=True),
+        "swapped_in_loop": swapped_decode_config(T * K, E, packed_fmt, 0, quantize_inter=False),
+    }[tiles]
+    expected = reference.torch_fused_moe_packed(*args, **scalars)
+    err = rel_err(triton_fused_moe_packed(*args, **scalars, config=config), expected)
+    assert err < TOLERANCES[("fp8" in fmt, False)], f"{fmt} {tiles}: relative error {err:.2e}"
 
 
 @pytest.mark.skipif(INTERPRET, reason="GPU sizes")

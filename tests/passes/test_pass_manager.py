@@ -156,3 +156,18 @@ def test_no_dump_without_request(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     PassManager(list(DEFAULT_PIPELINE))(_trace(TwoMoELayers()))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_keeps_functorch_level_calls():
+    """Dynamo graphs of models that use vmap (Jamba's mask building) enter and leave vmap levels through calls whose
+    results nobody reads: removing them would unbalance functorch's level stack."""
+    gm = _trace(TwoMoELayers())
+    anchor = next(fused_moe_nodes(gm))
+    with gm.graph.inserting_before(anchor):
+        enter = gm.graph.call_function(torch._C._functorch._vmap_increment_nesting, (5, "error"))
+        leave = gm.graph.call_function(torch._C._functorch._vmap_decrement_nesting, ())
+    gm.recompile()
+    gm = PassManager([CLEANUP])(gm)
+    kept = {n.target for n in gm.graph.nodes}
+    assert enter.target in kept and leave.target in kept
+    assert counters["moe_compile"]["cleanup"] == 2  # still only the dead router logits and their get_attr

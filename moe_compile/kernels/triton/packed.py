@@ -3,16 +3,21 @@
 They keep the structure of `experts.py` (rows sorted by expert in BLOCK_M tiles, gate_up with the activation in
 the epilogue, down with the routing weight and an fp32 atomic combine) and change what the weight tile is made of:
 - FP8 (e4m3 weights, one fp32 scale per output channel; activations quantized per routed row at run time, as the
-  reference does): the dot is e4m3 x e4m3 -> fp32 on the tensor cores and the epilogue multiplies by
-  row scale x channel scale. gate_up reads x already quantized (`quantize_rows_kernel`, one launch, which also
-  zeroes the row maxima of inter); its epilogue writes inter in the activation dtype and adds each row's |max| to
-  `inter_amax` with an atomic max, so the down kernel quantizes inter while loading it (no extra pass).
+  reference does): the dot is e4m3 x e4m3 -> fp32 and the epilogue multiplies by row scale x channel scale.
+  gate_up reads x already quantized (`quantize_rows_kernel`, one launch, which also zeroes the row maxima of
+  inter); its epilogue writes inter in the activation dtype and adds each row's |max| to `inter_amax` with an
+  atomic max. Then either the down kernel quantizes inter while loading it (prefill: the cost is shared by wide
+  column tiles), or, at decode, `quantize_inter_kernel` quantizes each used row once (the in-loop quantization was
+  repeated by every column-tile program and every warp: ~80% of the down kernel's instructions) and the down
+  kernel reads e4m3 (A_E4M3).
 - 2:4 (values [N, K/2] + one metadata nibble per group of 4 along K, `quant.sparse24`): the weights are read
-  compressed (half the value bytes, plus K/8 metadata bytes a row), each group's two values as one word. A K step
-  of BK runs as 4 dots of G = BK/4: for each position p of the groups, the activations at 4g + p times the weights
-  that sit at p ([G, BN], selected in registers with no data movement between threads; zeros elsewhere). Decode
-  is memory-bound, so the gain is the bytes not read. Triton has no sparse tensor-core MMA (mma.sp), so prefill
-  does dense dots on the selected weights: fewer bytes, no fewer FLOPs.
+  compressed (half the value bytes, plus K/8 metadata bytes a row), each group's two values as one word, and
+  expanded in registers to the dense [BN, BK] tile (each value shifted to its position in a group-wide word, then
+  split and interleaved by joins), which goes to one dot. Triton has no sparse tensor-core MMA (mma.sp), so the
+  dot is dense: fewer bytes, no fewer FLOPs.
+- SWAP_AB (decode): the dot runs transposed, w [BN, BK] x a^T [BK, BM] -> acc [BN, BM], so the wide weight tile is
+  the MMA's M side: with BN >= 64 Triton emits Hopper wgmma (native e4m3 operands from shared memory) instead of
+  mma.sync m16n8k16 at BM = 16, where e4m3 operands are first converted to fp16 in registers.
 Every kernel reads its sizes from device memory only (tile experts, sorted rows): no host synchronisation, so a
 CUDA graph captures them and stays correct when the routing changes.
 
@@ -73,47 +78,117 @@ def quantize_rows_kernel(
 
 
 @triton.jit
+def quantize_inter_kernel(
+    inter_ptr, inter_amax_ptr, q_ptr, sorted_rows_ptr, tile_expert_ptr, N, I, stride_inter, stride_q,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per (slot tile, BLOCK columns): inter [P, I] -> q [P, I] e4m3 with each row's scale
+    inter_amax / 448 (the scale the down kernel multiplies back); pad slots and unused tiles are left unwritten."""
+    tile_m = tl.program_id(0)
+    if tl.load(tile_expert_ptr + tile_m) < 0:  # past the last used slot
+        return
+    slots = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    row_ok = tl.load(sorted_rows_ptr + slots) < N
+    scale = _row_scale(tl.load(inter_amax_ptr + slots, mask=row_ok, other=0.0))  # [BM]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    ok = row_ok[:, None] & (cols < I)[None, :]
+    v = tl.load(inter_ptr + slots[:, None].to(tl.int64) * stride_inter + cols[None, :], mask=ok, other=0.0)
+    tl.store(q_ptr + slots[:, None].to(tl.int64) * stride_q + cols[None, :], _to_e4m3(v.to(tl.float32), scale),
+             mask=ok)
+
+
+@triton.jit
 def _dense_tile(w_rows, k0, K, col_ok, BLOCK_K: tl.constexpr):
-    """The [BK, BN] weight tile at dense positions k0..k0+BK of the columns whose rows start at w_rows [BN]."""
+    """The [BN, BK] weight tile at dense positions k0..k0+BK of the columns whose rows start at w_rows [BN]."""
     kk = k0 + tl.arange(0, BLOCK_K)  # [BK]
-    return tl.load(w_rows[None, :] + kk[:, None], mask=(kk < K)[:, None] & col_ok[None, :], other=0.0)
+    return tl.load(w_rows[:, None] + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _sparse_groups(pair_rows, meta_rows, k0, K, col_ok, BLOCK_K: tl.constexpr):
-    """The 2:4 groups of dense positions k0..k0+BK of the columns whose rows start at pair_rows [BN] (values read
-    as one word per group: int32 for two 16-bit values, int16 for two e4m3) and meta_rows [BN] (uint8)
-    -> (pairs [G, BN], nibbles [G, BN] int32: i0 | i1 << 2); zeros past K and for masked columns."""
-    grp = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [G] group index along K
-    ok = (grp < K // 4)[:, None] & col_ok[None, :]
-    pairs = tl.load(pair_rows[None, :] + grp[:, None], mask=ok, other=0)  # [G, BN]
-    meta = tl.load(meta_rows[None, :] + (grp // 2)[:, None], mask=ok, other=0).to(tl.int32)  # [G, BN]
-    return pairs, (meta >> ((grp % 2) * 4)[:, None]) & 0xF
+def _sparse_tile(pair_rows, meta_rows, k0, K, meta_k, col_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 W_BITS: tl.constexpr, W_DTYPE: tl.constexpr):
+    """The dense [BN, BK] weight tile at positions k0..k0+BK (k0 a multiple of BK), expanded from the 2:4 groups of
+    the columns whose rows start at pair_rows [BN] (values read as one word per group: int32 for two 16-bit
+    values, int16 for two e4m3) and meta_rows [BN] (uint8 [meta_k] a row, group 2b in the low nibble of byte b;
+    nibble = i0 | i1 << 2 with i0 < i1, so 6 valid nibbles). Selected on the bit patterns (0 is +0.0 in bf16,
+    fp16 and e4m3); zeros past K and for masked columns."""
+    G: tl.constexpr = BLOCK_K // 4
+    grp = tl.multiple_of(k0 // 4, G) + tl.arange(0, G)  # [G] group index along K
+    pairs = tl.load(pair_rows[:, None] + grp[None, :], mask=col_ok[:, None] & (grp < K // 4)[None, :],
+                    other=0)  # [BN, G]
+    byte = tl.multiple_of(k0 // 8, G // 2) + tl.arange(0, G // 2)  # [G/2] metadata bytes
+    meta = tl.load(meta_rows[:, None] + byte[None, :], mask=col_ok[:, None] & (byte < meta_k)[None, :],
+                   other=0).to(tl.int32)  # [BN, G/2]
+    nib = tl.reshape(tl.join(meta & 0xF, meta >> 4), [BLOCK_N, G])  # [BN, G]
+    i0 = nib & 0x3  # position of the group's first kept value
+    i1 = nib >> 2  # ... and of its second (i0 < i1)
+    if W_BITS == 16:  # the group as one 64-bit word, 16 bits a position: first << 16 i0 | second << 16 i1
+        word = pairs.to(tl.uint32, bitcast=True).to(tl.uint64)
+        group = ((word & 0xFFFF) << (16 * i0).to(tl.uint64)) | ((word >> 16) << (16 * i1).to(tl.uint64))
+        d0 = group.to(tl.int16)  # [BN, G] the weight at position 0 of each group, ...
+        d1 = (group >> 16).to(tl.int16)
+        d2 = (group >> 32).to(tl.int16)
+        d3 = (group >> 48).to(tl.int16)
+    else:  # 8 bits a position in one 32-bit word
+        word = pairs.to(tl.uint16, bitcast=True).to(tl.uint32)
+        group = ((word & 0xFF) << (8 * i0).to(tl.uint32)) | ((word >> 8) << (8 * i1).to(tl.uint32))
+        d0 = group.to(tl.int8)
+        d1 = (group >> 8).to(tl.int8)
+        d2 = (group >> 16).to(tl.int8)
+        d3 = (group >> 24).to(tl.int8)
+    # [BN, G, 2 (d0 d2 | d1 d3), 2] -> [BN, BK]: element (g, i, j) is position 2i + j of group g
+    dense = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BLOCK_N, BLOCK_K])
+    return dense.to(W_DTYPE, bitcast=True)
 
 
 @triton.jit
-def _sparse_slice(pairs, nib, p, W_BITS: tl.constexpr, W_DTYPE: tl.constexpr):
-    """Weights at position p of every group [G, BN] in W_DTYPE: the group's first kept value where i0 == p, its
-    second where i1 == p, else 0 (selected on the bit patterns: 0 is +0.0 in bf16, fp16 and e4m3)."""
-    if W_BITS == 16:
-        first = pairs.to(tl.int16)  # low half (little-endian: the value stored first)
-        second = (pairs >> 16).to(tl.int16)
+def _weight_tile(w_rows, m_rows, k0, K, meta_k, col_ok, SPARSE: tl.constexpr, W_BITS: tl.constexpr,
+                 W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BN, BK] weights at dense positions k0..k0+BK: read as stored, or expanded from 2:4."""
+    if SPARSE:
+        w = _sparse_tile(w_rows, m_rows, k0, K, meta_k, col_ok, BLOCK_N, BLOCK_K, W_BITS, W_DTYPE)
     else:
-        first = pairs.to(tl.int8)
-        second = (pairs >> 8).to(tl.int8)
-    bits = tl.where((nib & 0x3) == p, first, tl.where((nib >> 2) == p, second, tl.zeros_like(first)))
-    return bits.to(W_DTYPE, bitcast=True)
+        w = _dense_tile(w_rows, k0, K, col_ok, BLOCK_K)
+    return w
+
+
+@triton.jit
+def _mma(a, w, acc, SWAP_AB: tl.constexpr):
+    """acc + a [BM, BK] x w [BN, BK]^T: acc [BM, BN], or with SWAP_AB acc [BN, BM] = w x a^T (the weight tile on
+    the MMA's M side, for wgmma at BM < 64)."""
+    if SWAP_AB:
+        acc = tl.dot(w, tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _acc_rows(acc, SWAP_AB: tl.constexpr):
+    """The accumulator as [BM, BN] (a transposed view with SWAP_AB: no data moves)."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    return acc
 
 
 @triton.jit
 def packed_gate_up_kernel(
     x_ptr, x_scale_ptr, w13_ptr, w13_scale_ptr, w13_meta_ptr, b13_ptr, topk_w_ptr, sorted_rows_ptr, tile_expert_ptr,
     inter_ptr, inter_amax_ptr,
-    N, H, I, num_tiles,
+    N, H, I, num_tiles, meta_k,
     stride_xt, stride_we, stride_wn, stride_se, stride_me, stride_mn, stride_be, stride_inter,
     alpha, limit,
     TOP_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_INPUT: tl.constexpr, ACT: tl.constexpr,
-    FP8: tl.constexpr, SPARSE: tl.constexpr, W_BITS: tl.constexpr,
+    FP8: tl.constexpr, SPARSE: tl.constexpr, W_BITS: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """experts.gate_up_kernel with packed w13 [E, 2I or I, H (H/2 with 2:4)]. FP8: x is e4m3 [T, H] with
@@ -130,39 +205,28 @@ def packed_gate_up_kernel(
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
     col_ok = cols < I
     kk = tl.arange(0, BLOCK_K)  # [BK]
-    x_rows = x_ptr + tokens * stride_xt  # [BM]
-    x_ptrs = x_rows[:, None] + kk[None, :]  # [BM, BK]
+    x_ptrs = (x_ptr + tokens * stride_xt)[:, None] + kk[None, :]  # [BM, BK]
     g_rows = w13_ptr + expert * stride_we + cols.to(tl.int64) * stride_wn  # [BN] gate rows
     u_rows = g_rows + I * stride_wn  # up rows follow the I gate rows
     gm_rows = w13_meta_ptr + expert * stride_me + cols.to(tl.int64) * stride_mn  # [BN] (2:4 only)
     um_rows = gm_rows + I * stride_mn
+    w_dtype = tl.float8e4nv if FP8 else x_ptr.dtype.element_ty
     if SCALE_INPUT:  # Llama4: the routing weight scales the expert's input (16-bit activations only)
         route_w = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)  # [BM] fp32
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    gg = tl.arange(0, BLOCK_K // 4)  # [G]
+    acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP_AB)  # [BM, BN] ([BN, BM] with SWAP_AB)
+    acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP_AB)
     for k0 in range(0, H, BLOCK_K):
-        if SPARSE:  # one dot per position p in the groups: x[:, 4g + p] x (weights at p) [G, BN]
-            pairs_g, nib_g = _sparse_groups(g_rows, gm_rows, k0, H, col_ok, BLOCK_K)
-            if GATED:
-                pairs_u, nib_u = _sparse_groups(u_rows, um_rows, k0, H, col_ok, BLOCK_K)
-            for p in tl.static_range(4):
-                kp = 4 * gg + p  # [G] offset in this step
-                a = tl.load(x_rows[:, None] + (k0 + kp)[None, :], mask=row_ok[:, None] & ((k0 + kp) < H)[None, :],
-                            other=0.0)  # [BM, G]
-                if SCALE_INPUT:
-                    a = (a.to(tl.float32) * route_w[:, None]).to(x_ptr.dtype.element_ty)
-                acc_g = tl.dot(a, _sparse_slice(pairs_g, nib_g, p, W_BITS, x_ptr.dtype.element_ty), acc_g)
-                if GATED:
-                    acc_u = tl.dot(a, _sparse_slice(pairs_u, nib_u, p, W_BITS, x_ptr.dtype.element_ty), acc_u)
-        else:
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & ((k0 + kk) < H)[None, :], other=0.0)  # [BM, BK]
-            if SCALE_INPUT:
-                a = (a.to(tl.float32) * route_w[:, None]).to(x_ptr.dtype.element_ty)
-            acc_g = tl.dot(a, _dense_tile(g_rows, k0, H, col_ok, BLOCK_K), acc_g)
-            if GATED:
-                acc_u = tl.dot(a, _dense_tile(u_rows, k0, H, col_ok, BLOCK_K), acc_u)
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & ((k0 + kk) < H)[None, :], other=0.0)  # [BM, BK]
+        if SCALE_INPUT:
+            a = (a.to(tl.float32) * route_w[:, None]).to(x_ptr.dtype.element_ty)
+        w_g = _weight_tile(g_rows, gm_rows, k0, H, meta_k, col_ok, SPARSE, W_BITS, w_dtype, BLOCK_N, BLOCK_K)
+        acc_g = _mma(a, w_g, acc_g, SWAP_AB)
+        if GATED:
+            w_u = _weight_tile(u_rows, um_rows, k0, H, meta_k, col_ok, SPARSE, W_BITS, w_dtype, BLOCK_N, BLOCK_K)
+            acc_u = _mma(a, w_u, acc_u, SWAP_AB)
         x_ptrs += BLOCK_K
+    acc_g = _acc_rows(acc_g, SWAP_AB)  # [BM, BN]
+    acc_u = _acc_rows(acc_u, SWAP_AB)
     if FP8:  # dequantize: per-token activation scale x per-output-channel weight scale
         x_scale = tl.load(x_scale_ptr + tokens, mask=row_ok, other=0.0)[:, None]  # [BM, 1]
         s_ptrs = w13_scale_ptr + expert * stride_se + cols  # [BN]
@@ -190,15 +254,16 @@ def packed_gate_up_kernel(
 def packed_down_kernel(
     inter_ptr, inter_amax_ptr, w2_ptr, w2_scale_ptr, w2_meta_ptr, b2_ptr, topk_w_ptr, sorted_rows_ptr,
     tile_expert_ptr, out_ptr,
-    N, H, I, num_tiles,
+    N, H, I, num_tiles, meta_k,
     stride_inter, stride_we, stride_wh, stride_se, stride_me, stride_mh, stride_be, stride_out,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_OUTPUT: tl.constexpr,
-    FP8: tl.constexpr, SPARSE: tl.constexpr, W_BITS: tl.constexpr,
+    FP8: tl.constexpr, SPARSE: tl.constexpr, W_BITS: tl.constexpr, SWAP_AB: tl.constexpr, A_E4M3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """experts.down_kernel (atomic combine into out [T, H] fp32) with packed w2 [E, H, I (I/2 with 2:4)]. FP8:
-    inter rows are quantized to e4m3 on load with scale inter_amax / 448, w2_scale [E, H]."""
+    inter rows are e4m3 already (A_E4M3, `quantize_inter_kernel`) or quantized here on load, with scale
+    inter_amax / 448 either way; w2_scale [E, H]."""
     tile_m, tile_n = _tile_coords(tl.program_id(0), num_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + tile_m).to(tl.int64)
@@ -213,33 +278,22 @@ def packed_down_kernel(
     k_lo = split * k_span
     k_hi = tl.minimum(k_lo + k_span, I)
     kk = tl.arange(0, BLOCK_K)  # [BK]
-    a_rows = inter_ptr + slots.to(tl.int64) * stride_inter  # [BM]
-    a_ptrs = a_rows[:, None] + (k_lo + kk)[None, :]  # [BM, BK]
+    a_ptrs = (inter_ptr + slots.to(tl.int64) * stride_inter)[:, None] + (k_lo + kk)[None, :]  # [BM, BK]
     w_rows = w2_ptr + expert * stride_we + cols.to(tl.int64) * stride_wh  # [BN]
     m_rows = w2_meta_ptr + expert * stride_me + cols.to(tl.int64) * stride_mh  # [BN] (2:4 only)
+    w_dtype = tl.float8e4nv if FP8 else inter_ptr.dtype.element_ty
     if FP8:
         a_scale = _row_scale(tl.load(inter_amax_ptr + slots, mask=row_ok, other=0.0))  # [BM]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    gg = tl.arange(0, BLOCK_K // 4)  # [G]
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP_AB)  # [BM, BN] ([BN, BM] with SWAP_AB)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         # pad slots of inter were never written: mask them, garbage could be NaN
-        if SPARSE:  # one dot per position p in the groups: inter[:, 4g + p] x (weights at p) [G, BN]
-            pairs, nib = _sparse_groups(w_rows, m_rows, k0, I, col_ok, BLOCK_K)
-            for p in tl.static_range(4):
-                kp = 4 * gg + p  # [G] offset in this step
-                a = tl.load(a_rows[:, None] + (k0 + kp)[None, :], mask=row_ok[:, None] & ((k0 + kp) < k_hi)[None, :],
-                            other=0.0)  # [BM, G]
-                if FP8:
-                    a = _to_e4m3(a.to(tl.float32), a_scale)
-                    acc = tl.dot(a, _sparse_slice(pairs, nib, p, W_BITS, tl.float8e4nv), acc)
-                else:
-                    acc = tl.dot(a, _sparse_slice(pairs, nib, p, W_BITS, inter_ptr.dtype.element_ty), acc)
-        else:
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < k_hi)[None, :], other=0.0)  # [BM, BK]
-            if FP8:
-                a = _to_e4m3(a.to(tl.float32), a_scale)
-            acc = tl.dot(a, _dense_tile(w_rows, k0, I, col_ok, BLOCK_K), acc)
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + kk) < k_hi)[None, :], other=0.0)  # [BM, BK]
+        if FP8 and not A_E4M3:
+            a = _to_e4m3(a.to(tl.float32), a_scale)
+        w = _weight_tile(w_rows, m_rows, k0, I, meta_k, col_ok, SPARSE, W_BITS, w_dtype, BLOCK_N, BLOCK_K)  # [BN, BK]
+        acc = _mma(a, w, acc, SWAP_AB)
         a_ptrs += BLOCK_K
+    acc = _acc_rows(acc, SWAP_AB)  # [BM, BN]
     if FP8:
         acc *= a_scale[:, None] * tl.load(w2_scale_ptr + expert * stride_se + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
