@@ -157,8 +157,19 @@ def run(args) -> list[E2ERow]:
             rows.append(_row(meta, model, b, args, name, steps, bandwidth, reference_tokens, kwargs))
             write_rows(rows, args.stem)  # partial results survive a time limit
     set_experts_implementation(model, "grouped_mm")
-    if "moe_compile" not in wanted:
-        return rows
+    if "moe_compile" in wanted:
+        bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows)
+    for fmt in [f for f in args.formats.split(",") if f]:
+        del model
+        torch.cuda.empty_cache()
+        model = build_model(args.layers)
+        rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
+        write_rows(rows, args.stem)
+    return rows
+
+
+def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: list[E2ERow]) -> None:
+    """moe_compile in bf16, appended to `rows` (written after each batch: partial results survive a time limit)."""
     start = time.perf_counter()
     mc.optimize(model, args.profile)
     optimize_s = time.perf_counter() - start
@@ -170,13 +181,6 @@ def run(args) -> list[E2ERow]:
         write_rows(rows, args.stem)
     if args.trace:
         trace_decode(model, args, batches[0])
-    for fmt in [f for f in args.formats.split(",") if f]:
-        del model
-        torch.cuda.empty_cache()
-        model = build_model(args.layers)
-        rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
-        write_rows(rows, args.stem)
-    return rows
 
 
 FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "sparse24": dict(sparsity_24=True),
