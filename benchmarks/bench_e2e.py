@@ -91,15 +91,17 @@ def step_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
 
 class StepClock:
     """A transformers StoppingCriteria that never stops: it stamps the host clock each time generate checks it, i.e.
-    once per generated token. generate reads the "all rows finished" flag on the host every step, so each stamp
-    follows that step's GPU work: the gaps are per-step wall times. `on_step` (optional) runs at each stamp (the
-    profiler's `step()` for a steady-state trace)."""
+    once per generated token, after waiting for the GPU: each stamp follows that step's GPU work, so the first one
+    ends the prefill and the gaps are per-step wall times. (generate reads its "all rows finished" flag on the host
+    only after the criteria run: without the wait the first stamp came before the prefill's GPU work was done.)
+    `on_step` (optional) runs at each stamp (the profiler's `step()` for a steady-state trace)."""
 
     def __init__(self, on_step=None):
         self.stamps: list[float] = []
         self.on_step = on_step
 
     def __call__(self, input_ids, scores, **kwargs):
+        torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
         if self.on_step is not None:
             self.on_step()
@@ -160,12 +162,26 @@ def run(args) -> list[E2ERow]:
     if "moe_compile" in wanted:
         bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows)
     for fmt in [f for f in args.formats.split(",") if f]:
+        free_model(model)
         del model
-        torch.cuda.empty_cache()
         model = build_model(args.layers)
         rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
         write_rows(rows, args.stem)
     return rows
+
+
+def free_model(model) -> None:
+    """Drop what an optimized model keeps besides its weights (kept static caches, compiled graphs and their CUDA
+    graph pools), so the next format's model fits beside nothing."""
+    import gc
+
+    from moe_compile.emit.generate import decode_caches, disable_cuda_graph_decode
+
+    if decode_caches(model) is not None:
+        disable_cuda_graph_decode(model)  # drops the kept caches and the compiled calls
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: list[E2ERow]) -> None:
