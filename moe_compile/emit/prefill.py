@@ -20,7 +20,10 @@ lengths and batches past 1 are symbolic, and what is left is one graph per kind 
   * `attention_mask`: with a static cache, transformers gives the forward a 4-D mask when a prompt has padding and
     none when it has not (a different set of inputs);
   * a kept cache or none (generate, or a plain forward).
-So generate's prefill compiles at most four times whatever the buckets, prompt and cache lengths (calls of batch
+On an H100 (torch 2.11) the first prompt of a kind compiled with its token count static and the second token count
+compiled it again, dynamic (guard `size mismatch at index 1`, TORCH_LOGS=recompiles): two graphs per kind there,
+logged as "compiled again". On CPU (torch 2.13),
+generate's prefill compiles at most four times whatever the buckets, prompt and cache lengths (calls of batch
 1, 3 with left padding, 1, 4, 4 with 40 tokens, 4: three graphs), a plain forward adds its own kinds. `compiled`
 counts the graphs per batch, a kind compiled again is logged as a warning, and `counters["moe_compile"]
 ["prefill_graphs"]` / `["prefill_runs"]` sum them up.
