@@ -304,11 +304,9 @@ def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwa
 
 
 def plot(rows: list[E2ERow], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
+    if plt is None:
+        return
     batches = sorted({r.batch for r in rows})
     impls = list(dict.fromkeys(r.impl for r in rows))
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)

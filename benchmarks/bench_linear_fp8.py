@@ -208,13 +208,8 @@ def summary(rows: list[Row]) -> None:
 
 
 def plot(rows: list[Row], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = utils.pyplot()
+    if plt is None:
         return
     shapes = sorted({r.shape for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)

@@ -109,6 +109,19 @@ def capture_graph(fn: Callable[[], torch.Tensor]):
     return graph, out
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: CSV only (pip install matplotlib for the plot)")
+        return None
+    return plt
+
+
 def run_meta() -> dict:
     """Card, date and commit (MOE_GIT_COMMIT wins: the device machine's copy of the tree may have no .git)."""
     commit = os.environ.get("MOE_GIT_COMMIT", "")

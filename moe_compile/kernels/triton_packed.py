@@ -30,7 +30,7 @@ from moe_compile.kernels.triton.align import align_by_expert
 from moe_compile.kernels.triton.configs import (
     GemmConfig,
     MoEConfig,
-    _split_k,
+    split_k,
     expected_tiles,
     num_sms,
     select_config,
@@ -176,7 +176,7 @@ def swapped_decode_config(num_rows: int, num_experts: int, fmt: PackedFormat, de
     block_k = DECODE_BLOCK_K_FP8 if fmt.fp8 else DECODE_BLOCK_K_16BIT
     stages = FP8_DECODE_STAGES if fmt.fp8 and not fmt.sparse else DECODE_STAGES
     tiles = expected_tiles(num_rows, num_experts, DECODE_BLOCK_M)
-    split = _split_k(fmt.hidden, fmt.inter, DECODE_BLOCK_N, block_k, tiles, num_sms(device_index))
+    split = split_k(fmt.hidden, fmt.inter, DECODE_BLOCK_N, block_k, tiles, num_sms(device_index))
     return PackedConfig(DECODE_BLOCK_M, GemmConfig(DECODE_BLOCK_N, block_k, 4, stages),
                         GemmConfig(DECODE_BLOCK_N, block_k, 4, stages, split), group_m=1, atomic_combine=True,
                         swap_ab=True, quantize_inter=quantize_inter and fmt.fp8)

@@ -73,7 +73,7 @@ def _decode_n(columns: int, tiles: float, sms: int) -> int:
     return 16
 
 
-def _split_k(columns: int, depth: int, block_n: int, block_k: int, tiles: float, sms: int) -> int:
+def split_k(columns: int, depth: int, block_n: int, block_k: int, tiles: float, sms: int) -> int:
     """Split the reduction of the down GEMM when there are too few (tile, column tile) programs; every split
     adds one more fp32 atomic per output element, so only as far as needed and never below 2 BK steps each."""
     programs = tiles * triton.cdiv(columns, block_n)
@@ -116,7 +116,7 @@ def select_config(num_rows: int, num_experts: int, hidden: int, inter: int, devi
         # of loads in flight per program, plenty to cover DRAM latency at decode
         gate_up = GemmConfig(_decode_n(inter, tiles, sms), 128, 4, 4)
         down_n = _decode_n(hidden, tiles, sms)
-        down = GemmConfig(down_n, 128, 4, 4, _split_k(hidden, inter, down_n, 128, tiles, sms))
+        down = GemmConfig(down_n, 128, 4, 4, split_k(hidden, inter, down_n, 128, tiles, sms))
         return MoEConfig(16, gate_up, down, group_m=1, atomic_combine=True)
     if rows_per_expert <= 48:
         # 32-64 rows a tile: still mostly weight streaming; 64-wide columns, 4 warps
