@@ -11,6 +11,7 @@ Counts the blocks it rewrote (`counters["moe_compile"]["quantize_fp8"]`); `resul
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from moe_compile.counters import counters
 from moe_compile.fused_block import FusedMoEBlock
 from moe_compile.quant.fp8 import E4M3_MAX, FP8_DTYPE, quantize_per_channel
-from moe_compile.quant.packed import ModulePassResult, PackedExperts, install
+from moe_compile.quant.packed import ModulePassResult, PackedExperts, convert_blocks
 
 NAME = "quantize_fp8"
 Scales = dict[str, tuple[Tensor, Tensor]]  # block name -> (w13_scale [E, 2I], w2_scale [E, H]) fp32
@@ -47,8 +48,11 @@ def fp8_experts(w13: Tensor, w2: Tensor, scales: Optional[tuple[Tensor, Tensor]]
     return PackedExperts(q13, q2, s13, s2, w13_meta, w2_meta)
 
 
-def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None) -> ModulePassResult:
-    """Quantize every fused block; `scales[name]` (optional, per block) replaces the built-in max scales."""
+def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None, offload: Optional[bool] = None
+                 ) -> ModulePassResult:
+    """Quantize every fused block; `scales[name]` (optional, per block) replaces the built-in max scales.
+    Blocks are converted one at a time (all or nothing); `offload` keeps the previous weights in host memory for
+    undo (None: when the GPU lacks room for both, see `quant.packed.convert_blocks`)."""
     result = ModulePassResult(NAME)
     planned = []
     for name, block in model.named_modules():
@@ -58,11 +62,15 @@ def quantize_fp8(model: nn.Module, scales: Optional[Scales] = None) -> ModulePas
         if packed is not None and packed.fp8:
             result.skipped[name] = "already FP8"
             continue
-        w13, w2 = (block.w13, block.w2) if packed is None else (packed.w13, packed.w2)
-        m13, m2 = (None, None) if packed is None else (packed.w13_meta, packed.w2_meta)
-        planned.append((block, fp8_experts(w13, w2, (scales or {}).get(name), m13, m2)))
-    for block, packed in planned:  # install only once every block quantized: a bad scale changes nothing
-        result.record(block)
-        install(block, packed)
+        planned.append((block, partial(_fp8_block, block, (scales or {}).get(name))))
+    convert_blocks(result, planned, offload)
     counters["moe_compile"][NAME] += result.count
     return result
+
+
+def _fp8_block(block: FusedMoEBlock, scales: Optional[tuple[Tensor, Tensor]]) -> PackedExperts:
+    packed = block.packed
+    w13, w2 = (block.w13, block.w2) if packed is None else (packed.w13, packed.w2)
+    m13, m2 = (None, None) if packed is None else (packed.w13_meta, packed.w2_meta)
+    return fp8_experts(w13, w2, scales, m13, m2)
+

@@ -10,13 +10,14 @@ Counts the blocks it rewrote (`counters["moe_compile"]["sparsify_24"]`); `result
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 from torch import Tensor, nn
 
 from moe_compile.counters import counters
 from moe_compile.fused_block import FusedMoEBlock
-from moe_compile.quant.packed import ModulePassResult, PackedExperts, install
+from moe_compile.quant.packed import ModulePassResult, PackedExperts, convert_blocks
 from moe_compile.quant.sparse24 import compress_24
 
 NAME = "sparsify_24"
@@ -36,10 +37,12 @@ def sparse24_experts(w13: Tensor, w2: Tensor) -> PackedExperts:
     return PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2)
 
 
-def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> ModulePassResult:
+def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
+                offload: Optional[bool] = None) -> ModulePassResult:
     """pruned: per block name, (w13, w2) already 2:4-sparse (e.g. `quant.sparsegpt`); other blocks are
-    magnitude-pruned."""
+    magnitude-pruned. Blocks are converted one at a time; `offload` as in `quant.packed.convert_blocks`."""
     result = ModulePassResult(NAME)
+    planned = []
     for name, block in model.named_modules():
         if not isinstance(block, FusedMoEBlock):
             continue
@@ -55,7 +58,7 @@ def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tenso
             result.skipped[name] = reason
             continue
         w13, w2 = (pruned or {}).get(name, (block.w13.detach(), block.w2.detach()))
-        result.record(block)
-        install(block, sparse24_experts(w13, w2))
+        planned.append((block, partial(sparse24_experts, w13, w2)))
+    convert_blocks(result, planned, offload)
     counters["moe_compile"][NAME] += result.count
     return result

@@ -10,13 +10,16 @@ The forward is one `torch.ops.moe_compile.fused_moe_packed` call.
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from moe_compile.quant.fp8 import FP8_DTYPE, dequantize_per_channel
 from moe_compile.quant.sparse24 import decompress_24
+
+log = logging.getLogger("moe_compile")
 
 
 def unpack_weight(w: Tensor, scale: Optional[Tensor], meta: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -79,12 +82,22 @@ class ModulePassResult:
         self.name = name
         self.count = 0
         self.skipped: dict[str, str] = {}
+        self.offloaded_bytes = 0  # previous weights kept in host memory for undo (see `convert_blocks`)
         self._undo: list = []
 
-    def record(self, block: nn.Module) -> None:
+    def record(self, block: nn.Module, offload: bool = False) -> None:
+        """Keep `block`'s current weights for undo; with `offload` they move to host memory (and back on undo), so
+        the GPU memory they held is free for the next block's new weights."""
         saved = (block.w13, block.w2, block.packed)
+        device = _weights_device(saved)
+        if offload and device is not None and device.type != "cpu":
+            self.offloaded_bytes += _move_weights(saved, torch.device("cpu"))
+        else:
+            device = None
 
         def restore() -> None:
+            if device is not None:
+                _move_weights(saved, device)
             block.w13, block.w2, block.packed = saved
 
         self._undo.append(restore)
@@ -94,6 +107,66 @@ class ModulePassResult:
         for step in reversed(self._undo):
             step()
         self._undo.clear()
+
+
+def _weights_device(saved: tuple) -> Optional[torch.device]:
+    w13, _, packed = saved
+    return w13.device if w13 is not None else (packed.w13.device if packed is not None else None)
+
+
+def _move_weights(saved: tuple, device: torch.device) -> int:
+    """Move dense Parameters (in place: every module sharing them sees the move) and a PackedExperts to `device`;
+    returns the bytes moved."""
+    w13, w2, packed = saved
+    moved = 0
+    for param in (w13, w2):
+        if param is not None:
+            param.data = param.data.to(device)
+            moved += param.numel() * param.element_size()
+    if packed is not None:
+        packed.to(device)
+        moved += sum(b.numel() * b.element_size() for b in packed.buffers())
+    return moved
+
+
+def dense_bytes(blocks: list[nn.Module]) -> int:
+    """Bytes of the expert weights the blocks hold now (dense parameters or packed buffers)."""
+    total = 0
+    for block in blocks:
+        tensors = [block.w13, block.w2] if block.packed is None else list(block.packed.buffers())
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def offload_needed(blocks: list[nn.Module]) -> bool:
+    """Whether a pass over `blocks` should keep their previous weights in host memory: on a GPU whose free memory is
+    less than those weights take now (new packed weights take at most as much), holding both could run out."""
+    if not blocks:
+        return False
+    device = _weights_device((blocks[0].w13, blocks[0].w2, blocks[0].packed))
+    if device is None or device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return free < dense_bytes(blocks)
+
+
+def convert_blocks(result: ModulePassResult, planned: list[tuple[nn.Module, Callable[[], PackedExperts]]],
+                   offload: Optional[bool] = None) -> None:
+    """Build and install each block's packed weights in turn (all or nothing: a failure undoes the blocks done so
+    far). `offload` None decides by free GPU memory (`offload_needed`); when on, each block's previous weights move
+    to host memory as soon as its packed ones are installed, so the peak is the old weights plus one new block."""
+    offload = offload_needed([block for block, _ in planned]) if offload is None else offload
+    try:
+        for block, build in planned:
+            packed = build()
+            result.record(block, offload)
+            install(block, packed)
+    except BaseException:
+        result.undo()
+        raise
+    if result.offloaded_bytes:
+        log.info("moe_compile: %s kept the previous expert weights (%.1f GB) in host memory for undo: the GPU had "
+                 "too little free memory for both", result.name, result.offloaded_bytes / 1e9)
 
 
 def install(block: nn.Module, packed: PackedExperts) -> None:

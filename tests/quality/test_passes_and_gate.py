@@ -74,6 +74,18 @@ def test_pass_counters_order_and_skips():
     fp8_only.undo()
 
 
+def test_a_failing_block_undoes_the_blocks_converted_before_it():
+    """Blocks convert one at a time; a bad scale on the last one puts the earlier ones back (all or nothing)."""
+    model = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative")
+    names = [name for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)]
+    last = model.get_submodule(names[-1])
+    bad = {names[-1]: (torch.ones(last.w13.shape[0], 3), torch.ones(last.w2.shape[:2]))}
+    weights = [(b.w13, b.w2) for b in _blocks(model)]
+    with pytest.raises(ValueError, match="does not fit weights"):
+        quantize_fp8(model, scales=bad)
+    assert [(b.w13, b.w2) for b in _blocks(model)] == weights and all(b.packed is None for b in _blocks(model))
+
+
 def test_gate_accepts_fp8_and_rejects_24_at_a_tight_threshold(fused_quality_model):
     from moe_compile.quality import load_quality_model
 
