@@ -5,7 +5,7 @@ step), and moe_compile's `optimize(model, "balanced")`. The bytes-per-step floor
 measured in the same run.
 
   python benchmarks/bench_e2e.py [--layers 48] [--batches 1,8,64] [--prompt 512] [--steps 16] [--out DIR]
-                                 [--formats fp8,sparse24,fp8+sparse24]
+                                 [--formats fp8,sparse24,fp8+sparse24] [--prefill compiled|eager] [--trace]
 
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
 `--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
@@ -131,6 +131,7 @@ def measure(model, ids, steps: int, **kwargs) -> dict:
     (steady state); decode_mean_ms the mean, which also carries any re-compile or re-record inside the call."""
     torch.cuda.reset_peak_memory_stats()
     warm, _ = timed_generate(model, ids, steps + 1, **kwargs)
+    print(f"  warm-up call {warm:.1f} s", flush=True)
     clock = StepClock()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -187,12 +188,13 @@ def free_model(model) -> None:
 def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: list[E2ERow]) -> None:
     """moe_compile in bf16, appended to `rows` (written after each batch: partial results survive a time limit)."""
     start = time.perf_counter()
-    mc.optimize(model, args.profile)
+    mc.optimize(model, args.profile, **args.overrides)
     optimize_s = time.perf_counter() - start
+    print(f"optimize() {optimize_s:.1f} s", flush=True)
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
-        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}"
+        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}{args.prefill_note}"
         rows.append(row)
         write_rows(rows, args.stem)
     if args.trace:
@@ -208,14 +210,16 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
     if fmt not in FORMAT_OVERRIDES:
         raise SystemExit(f"unknown format {fmt!r}; known: {', '.join(FORMAT_OVERRIDES)}")
     start = time.perf_counter()
-    mc.optimize(model, args.profile, **FORMAT_OVERRIDES[fmt])
+    mc.optimize(model, args.profile, **FORMAT_OVERRIDES[fmt], **args.overrides)
     optimize_s = time.perf_counter() - start
+    print(f"optimize({fmt}) {optimize_s:.1f} s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     rows = []
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}_{fmt}", args.steps, bandwidth,
                    reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
-        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}; floor counts bf16 expert bytes"
+        row.note = (f"optimize() {optimize_s:.1f}s; features {enabled}; floor counts bf16 expert bytes"
+                    f"{args.prefill_note}")
         rows.append(row)
     return rows
 
@@ -343,8 +347,13 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="profile a few decode steps of ours at the first batch")
     parser.add_argument("--formats", default="", help="packed expert formats to add after moe_compile (comma list: "
                         "fp8, sparse24, fp8+sparse24; each rebuilds the model)")
+    parser.add_argument("--prefill", choices=("compiled", "eager"), default="compiled",
+                        help="ours: eager keeps generate's prefill uncompiled (compile=False: a shorter warm-up; the "
+                        "decode steps are the same CUDA-graph replays)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    args.overrides = {"compile": False} if args.prefill == "eager" else {}
+    args.prefill_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
     os.makedirs(args.out, exist_ok=True)
     meta = utils.run_meta()
     args.stem = os.path.join(args.out, f"e2e_{meta['card'].replace(' ', '_')}_{meta['date']}")
