@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
 import sys
 import time
@@ -164,7 +165,9 @@ def run(args) -> list[E2ERow]:
         bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows)
     for fmt in [f for f in args.formats.split(",") if f]:
         free_model(model)
-        del model
+        model = None  # the last reference: collected (with its cycles) before the next model is built
+        gc.collect()
+        torch.cuda.empty_cache()
         model = build_model(args.layers)
         rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
         write_rows(rows, args.stem)
@@ -173,16 +176,12 @@ def run(args) -> list[E2ERow]:
 
 def free_model(model) -> None:
     """Drop what an optimized model keeps besides its weights (kept static caches, compiled graphs and their CUDA
-    graph pools), so the next format's model fits beside nothing."""
-    import gc
-
+    graph pools); the caller then drops its reference and collects, so the next format's model fits."""
     from moe_compile.emit.generate import decode_caches, disable_cuda_graph_decode
 
     if decode_caches(model) is not None:
         disable_cuda_graph_decode(model)  # drops the kept caches and the compiled calls
     torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: list[E2ERow]) -> None:
@@ -226,60 +225,35 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
 
 def trace_decode(model, args, batch: int) -> None:
     """Where a steady-state decode step's time goes: the kernel table (profiler scheduled by the step clock: 4 steps
-    skipped, 1 warm-up, 4 recorded), the host-side table, and three times per step: the wall step inside generate,
-    the compiled decode step called alone in a loop (guards + graph replay, same inputs), and GPU kernel time."""
+    skipped, 1 warm-up, 4 recorded), the host-side table, and per step: the wall step inside generate, GPU kernel
+    time, and the host time of the compiled step (Dynamo's guards, the CUDA-graph launch) beside generate's own."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device="cuda")
-    last_call = {}
-    getter = model.get_compiled_call
-    own_attribute = "get_compiled_call" in model.__dict__  # moe_compile installs an instance attribute
-
-    def recording_getter(config):
-        step = getter(config)
-
-        def call(*a, **kw):
-            last_call.update(fn=step, args=a, kwargs=kw)
-            return step(*a, **kw)
-        return call
-
-    model.get_compiled_call = recording_getter
-    try:
-        timed_generate(model, ids, 12)
-        active = 4
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                     schedule=schedule(wait=4, warmup=1, active=active, repeat=1)) as prof:
-            clock = StepClock(on_step=prof.step)
-            timed_generate(model, ids, 12, clock=clock)
-        alone_ms = _time_call_alone(last_call) if last_call else float("nan")
-    finally:
-        if own_attribute:
-            model.get_compiled_call = getter
-        else:
-            del model.get_compiled_call
+    timed_generate(model, ids, 12)
+    active = 4
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=4, warmup=1, active=active, repeat=1)) as prof:
+        clock = StepClock(on_step=prof.step)
+        timed_generate(model, ids, 12, clock=clock)
     events = prof.key_averages()
     gpu_ms = sum(e.self_device_time_total for e in events if e.key != "ProfilerStep*") / 1e3 / active
+
+    def host_ms(prefix: str) -> float:
+        return sum(e.cpu_time_total for e in events if e.key.startswith(prefix)) / 1e3 / active
+
     gaps = sorted(clock.gaps_ms())
     head = (f"generate(prompt {args.prompt}), batch {batch}, {args.layers} layers: {active} steady-state decode steps "
-            f"profiled (after 5)\nper step: wall in generate {gaps[len(gaps) // 2]:.2f} ms (median, unprofiled "
-            f"steps included), compiled step called alone {alone_ms:.2f} ms, GPU kernel time {gpu_ms:.2f} ms\n")
-    kernels = events.table(sort_by="self_cuda_time_total", row_limit=30)
+            f"profiled (after 5)\nper step: wall in generate {gaps[len(gaps) // 2]:.2f} ms (median, profiled steps "
+            f"included), GPU kernel time {gpu_ms:.2f} ms; host, profiled: compiled step "
+            f"{host_ms('Torch-Compiled Region'):.2f} ms (Dynamo cache lookup {host_ms('TorchDynamo Cache Lookup'):.2f}"
+            f", cudaGraphLaunch {host_ms('cudaGraphLaunch'):.2f}), waiting for the GPU "
+            f"{host_ms('cudaDeviceSynchronize'):.2f}, whole step {host_ms('ProfilerStep'):.2f}\n")
+    kernels = events.table(sort_by="self_cuda_time_total", row_limit=40)
     host = events.table(sort_by="cpu_time_total", row_limit=30)
     with open(args.stem + f"_trace_batch{batch}.txt", "w") as f:
         f.write(head + "\nby GPU time\n" + kernels + "\nby host time\n" + host + "\n")
     print(head + kernels[:4000] + "\n" + host[:4000])
-
-
-def _time_call_alone(call: dict, reps: int = 20) -> float:
-    """ms per call of the recorded compiled decode step, back to back with the same inputs (synchronised)."""
-    fn, a, kw = call["fn"], call["args"], call["kwargs"]
-    fn(*a, **kw)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn(*a, **kw)
-        torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / reps
 
 
 def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwargs) -> E2ERow:
