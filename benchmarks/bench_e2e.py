@@ -75,16 +75,22 @@ def set_experts_implementation(model, impl: str) -> None:
             config._experts_implementation = impl
 
 
+_NON_EXPERT: dict[int, int] = {}  # layers -> bf16 non-expert bytes read per step, counted on the unoptimized model
+
+
 def step_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
-    """Bytes one decode step must read: non-expert weights, the activated experts (expected distinct experts under
-    uniform routing), the KV cache; over the measured copy bandwidth."""
+    """Bytes one decode step must read in bf16: non-expert weights, the activated experts (expected distinct experts
+    under uniform routing), the KV cache; over the measured copy bandwidth. The model's own parameters count only
+    while it is unoptimized (packed experts are buffers): optimized rows reuse the bf16 count (`_NON_EXPERT`)."""
     c = model.config
     expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2
     active = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    all_experts = c.num_hidden_layers * c.num_experts * expert_bytes
-    embed = c.vocab_size * c.hidden_size * 2  # only `batch` rows are read
-    non_expert = total - all_experts - embed
+    if getattr(model, "moe_compile", None) is None:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        all_experts = c.num_hidden_layers * c.num_experts * expert_bytes
+        embed = c.vocab_size * c.hidden_size * 2  # only `batch` rows are read
+        _NON_EXPERT[c.num_hidden_layers] = total - all_experts - embed
+    non_expert = _NON_EXPERT[c.num_hidden_layers]
     kv = batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
     nbytes = non_expert + c.num_hidden_layers * active * expert_bytes + kv
     return 1e3 * nbytes / bandwidth
@@ -149,6 +155,7 @@ def run(args) -> list[E2ERow]:
     bandwidth = utils.copy_bandwidth()
     print(f"{meta['card']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = build_model(args.layers)
+    step_floor_ms(model, 1, args.prompt, bandwidth)  # counts the bf16 non-expert bytes before anything is packed
     batches = [int(b) for b in args.batches.split(",")]
     rows, reference_tokens = [], {}
     impls = [("hf_eager", "eager", {}), ("hf_grouped_mm", "grouped_mm", {}),
@@ -237,7 +244,8 @@ def trace_decode(model, args, batch: int) -> None:
         clock = StepClock(on_step=prof.step)
         timed_generate(model, ids, 12, clock=clock)
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events if e.key != "ProfilerStep*") / 1e3 / active
+    kernels_only = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not host ranges
+    gpu_ms = sum(e.self_device_time_total for e in kernels_only) / 1e3 / active
 
     def host_ms(prefix: str) -> float:
         return sum(e.cpu_time_total for e in events if e.key.startswith(prefix)) / 1e3 / active

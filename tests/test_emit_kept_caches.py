@@ -181,9 +181,12 @@ def test_apply_emit_reports_the_compiled_prefill_and_undoes_it_all(model):
         assert any("prefill compiled by moe_compile (dynamic token count)" in p and "static cache kept per bucket" in p
                    for p in result.passes), result.passes
         assert "compile" not in result.notes and compiled_prefill(model) is not None
+        assert result.pass_counts["gqa_decode_attention"] == 2  # both layers: 4 query heads on 2 kv heads
+        assert model.config._attn_implementation == "moe_compile_sdpa"
     finally:
         undo()
     assert "_prepare_static_cache" not in model.__dict__ and model._compiled_call_impl is None
+    assert model.config._attn_implementation == "sdpa"
     failing = _result()
     failing.passes = ()  # appending the report fails after the setup ran
     with pytest.raises(AttributeError):

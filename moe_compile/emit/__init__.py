@@ -10,7 +10,8 @@
     compiled call). That used to be off: a compiled forward recompiled on the KV cache's state guards at every
     generate call (transformers makes a new, unallocated static cache per call) and on every new cache length.
     With the kept, pre-allocated caches it compiles about twice in all (batch 1, larger batches), measured on CPU
-    with transformers 5.17 and 5.24;
+    with transformers 5.17 and 5.24. Grouped-query attention then decodes without copying the KV cache per head
+    (`emit/attention.py`);
   * specialize_phase: the compiled graphs' fused_moe nodes get the decode or prefill kernel by token count
     (passes/specialize_phase.py); it acts where a graph is compiled (compile or cuda_graphs).
 `apply_emit` returns an undo callable so `optimize` can put everything back on a failure.
@@ -56,6 +57,7 @@ def _apply(model: nn.Module, enabled: dict[str, bool], result: OptimizeResult, u
             undo.append(lambda: disable_cuda_graph_decode(model))
             result.passes.append(described)
             compiled_somewhere = True
+            _gqa_decode_attention(model, result, undo)
             if compile_prefill:
                 enabled = {**enabled, "compile": False}  # done: the prefill path is compiled, not model.compile
                 caches = decode_caches(model)
@@ -81,3 +83,14 @@ def _apply(model: nn.Module, enabled: dict[str, bool], result: OptimizeResult, u
         result.features["specialize_phase"] = False
         result.unavailable["specialize_phase"] = ("phase specialisation acts on compiled graphs: it needs the "
                                                   "compile or cuda_graphs feature")
+
+
+def _gqa_decode_attention(model: nn.Module, result: OptimizeResult, undo: list) -> None:
+    """Decode steps attend over the KV cache without a per-head copy of it (emit/attention.py)."""
+    from moe_compile.emit.attention import use_gqa_decode_attention
+
+    layers, restore = use_gqa_decode_attention(model)
+    if layers:
+        undo.append(restore)
+        result.passes.append("emit:gqa_decode_attention")
+        result.pass_counts["gqa_decode_attention"] = layers
