@@ -244,7 +244,8 @@ def trace_decode(model, args, batch: int) -> None:
         clock = StepClock(on_step=prof.step)
         timed_generate(model, ids, 12, clock=clock)
     events = prof.key_averages()
-    kernels_only = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not host ranges
+    kernels_only = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA  # not host ranges, nor
+                    and not e.key.startswith("## ")]  # Inductor's "## Call CompiledFxGraph" span over the kernels
     gpu_ms = sum(e.self_device_time_total for e in kernels_only) / 1e3 / active
 
     def host_ms(prefix: str) -> float:

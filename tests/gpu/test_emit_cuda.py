@@ -146,6 +146,7 @@ def test_buckets_in_turn_replay_their_graphs_with_a_compiled_prefill():
     batch 4). A 300-token prompt then grows bucket 4's cache to 512 tokens: one decode compile, no prefill one."""
     from moe_compile.emit.generate import compiled_prefill, decode_caches
 
+    torch._dynamo.reset()  # an earlier test's decode graph (same code, same shapes) would serve these buckets
     model = _model(dtype=torch.float32)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 128, shape, generator=generator).cuda() for shape in ((1, 8), (4, 8), (1, 12), (4, 10))]
