@@ -9,7 +9,8 @@ measured in the same run.
 
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
 `--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
-fp8=True and/or sparsity_24=True (ungated: no calibration text), its experts on the packed-weight kernels.
+fp8=True and/or sparsity_24=True (ungated: no calibration text), its experts on the packed-weight kernels;
+`fp8-experts` keeps the attention linears in bf16 (fp8_attention=False).
 """
 
 from __future__ import annotations
@@ -171,11 +172,12 @@ def run(args) -> list[E2ERow]:
     if "moe_compile" in wanted:
         bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows)
     for fmt in [f for f in args.formats.split(",") if f]:
-        free_model(model)
-        model = None  # the last reference: collected (with its cycles) before the next model is built
-        gc.collect()
-        torch.cuda.empty_cache()
-        model = build_model(args.layers)
+        if getattr(model, "moe_compile", None) is not None:  # optimized by an earlier row: start from a fresh one
+            free_model(model)
+            model = None  # the last reference: collected (with its cycles) before the next model is built
+            gc.collect()
+            torch.cuda.empty_cache()
+            model = build_model(args.layers)
         rows += packed_rows(model, fmt, args, meta, batches, bandwidth, reference_tokens)
         write_rows(rows, args.stem)
     return rows
@@ -207,8 +209,8 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
         trace_decode(model, args, batches[0])
 
 
-FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "sparse24": dict(sparsity_24=True),
-                    "fp8+sparse24": dict(fp8=True, sparsity_24=True)}
+FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "fp8-experts": dict(fp8=True, fp8_attention=False),
+                    "sparse24": dict(sparsity_24=True), "fp8+sparse24": dict(fp8=True, sparsity_24=True)}
 
 
 def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_tokens) -> list[E2ERow]:
