@@ -98,8 +98,9 @@ def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = Tru
                          help="how 2:4 picks the kept weights (auto: SparseGPT where there is calibration text)")
     quality.add_argument("--fp8-calibration", choices=["auto", "modelopt", "modelopt-mse", "max"], default="auto",
                          help="FP8 weight scales: NVIDIA ModelOpt (auto: when installed) or the built-in max")
-    quality.add_argument("--no-fp8-attention", dest="fp8_attention", action="store_false",
-                         help="with fp8, keep the attention linears in high precision (only the experts go to FP8)")
+    quality.add_argument("--fp8-attention", action=argparse.BooleanOptionalAction, default=False,
+                         help="with fp8, also quantize the attention linears (torch._scaled_mm; off by default: "
+                              "slower at decode sizes on an H100)")
     parallel = parser.add_argument_group("expert parallelism", "shard the experts over several GPUs (torchrun)")
     parallel.add_argument("--gpus", type=int, default=1, metavar="N",
                           help="run N processes, one per GPU, each holding 1/N of the experts (default 1; more than "

@@ -174,7 +174,7 @@ def calibration_ids():
 def test_optimize_gates_attention_as_a_step_of_fp8_and_reports_it():
     model = build_tiny_model("tiny-qwen3-moe")
     mc.optimize(model, "conservative", fp8=True, calibration_text=calibration_ids(), fp8_calibration="max",
-                quality_thresholds={"fp8": 1.0}, verify=False)
+                quality_thresholds={"fp8": 1.0}, verify=False, fp8_attention=True)
     r = model.moe_compile
     q, q8 = r.quality["fp8_attention"], r.quality["fp8"]
     assert q["gated"] and q["applied"] and q["linears"] == 8 and q["threshold"] == 1.0
@@ -187,7 +187,8 @@ def test_a_rejected_attention_step_keeps_the_expert_fp8():
     model = build_tiny_model("tiny-qwen3-moe")
     counted = counters["moe_compile"]["quantize_linears_fp8"]
     mc.optimize(model, "conservative", fp8=True, calibration_text=calibration_ids(), fp8_calibration="max",
-                quality_thresholds={"fp8": 1.0, "fp8_attention": -0.5}, verify=False)  # a bar no step can meet
+                quality_thresholds={"fp8": 1.0, "fp8_attention": -0.5},  # a bar no step can meet
+                verify=False, fp8_attention=True)
     r = model.moe_compile
     assert not r.quality["fp8_attention"]["applied"] and "quality gate" in r.quality["fp8_attention"]["reason"]
     assert r.features["fp8"] is True and r.quality["fp8"]["applied"] and "fp8_attention" not in r.unavailable
@@ -196,9 +197,9 @@ def test_a_rejected_attention_step_keeps_the_expert_fp8():
     assert all(b.packed.weight_format == "fp8" for b in model.modules() if isinstance(b, FusedMoEBlock))
 
 
-def test_fp8_attention_false_keeps_attention_in_high_precision():
+def test_fp8_keeps_attention_in_high_precision_unless_asked():
     model = build_tiny_model("tiny-qwen3-moe")
-    mc.optimize(model, "conservative", fp8=True, fp8_attention=False, fp8_calibration="max", verify=False)
+    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False)  # the default
     assert not fp8_linears(model) and "fp8_attention" not in model.moe_compile.quality
     assert model.moe_compile.quality["fp8"]["applied"]
 
@@ -216,7 +217,7 @@ def test_optimize_is_all_or_nothing_when_a_later_step_fails():
     hook = model.model.layers[0].self_attn.register_forward_pre_hook(fail_on_fp8, with_kwargs=True)
     with pytest.raises(RuntimeError, match="attention failed"):
         mc.optimize(model, "conservative", fp8=True, calibration_text=calibration_ids(), fp8_calibration="max",
-                    quality_thresholds={"fp8": 1.0}, verify=False)
+                    quality_thresholds={"fp8": 1.0}, verify=False, fp8_attention=True)
     hook.remove()
     assert {n: m for n, m in model.named_modules()} == originals  # every module is the original object again
     assert torch.equal(logits(model), before)
@@ -230,7 +231,7 @@ def test_quality_model_attention_fp8_stays_within_one_percent():
 
     model = load_quality_model(torch.bfloat16)
     mc.optimize(model, "conservative", fp8=True, calibration_text=encode(heldout_bytes(4096)),
-                fp8_calibration="max", verify=False)
+                fp8_calibration="max", verify=False, fp8_attention=True)
     q = model.moe_compile.quality["fp8_attention"]
     assert q["gated"] and q["applied"] and q["increase"] <= 0.01 and q["linears"] == 16
 
@@ -243,7 +244,7 @@ def test_checkpoint_round_trip_gives_identical_logits(name, tmp_path):
     from moe_compile.checkpoint.restore import read_header
 
     model = build_tiny_model(name)  # fp32: a bf16 model rebuilt from its config differs in its rotary buffers
-    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False)
+    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False, fp8_attention=True)
     saved = fp8_linears(model)
     out = mc.export(model, tmp_path / "ckpt")
     assert json.loads((out / MANIFEST_NAME).read_text())["format_version"] == 3
@@ -263,7 +264,7 @@ def test_checkpoint_into_another_architecture_fails_clearly(tmp_path):
     from moe_compile.errors import CheckpointError
 
     model = build_tiny_model("tiny-qwen3-moe")
-    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False)
+    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False, fp8_attention=True)
     out = mc.export(model, tmp_path / "ckpt")
     skeleton = build_tiny_model("tiny-qwen3-moe", head_dim=16)  # k_proj [32, 32] instead of [16, 32]
     with pytest.raises(CheckpointError, match=r"k_proj' as an FP8 linear \[16, 32\], but the model's module there "

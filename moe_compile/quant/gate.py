@@ -11,13 +11,13 @@ calibration; "modelopt" (max) and "modelopt-mse" (MSE-searched weight amax) requ
 one. The method is recorded in `quality["fp8"]["calibration"]`. If anything fails, every step applied so far is
 undone.
 
-FP8 covers the attention projections too (`passes/quantize_linears_fp8.py`, `FP8Linear`): once the experts' FP8 is
-accepted, the attention linears go to FP8 as a second step, `quality["fp8_attention"]`, measured against the model
+With `fp8_attention=True` FP8 covers the attention projections too (`passes/quantize_linears_fp8.py`, `FP8Linear`;
+off by default: slower than bf16 at decode sizes on an H100): once the experts' FP8 is accepted, the attention
+linears go to FP8 as a second step, `quality["fp8_attention"]`, measured against the model
 before any FP8 with the same threshold (`quality_thresholds["fp8_attention"]` overrides it). So the whole FP8 feature
 stays within one perplexity budget, and where attention does not fit in it only that step is undone and the expert
 FP8 stays (a rejected attention step does not turn the `fp8` feature off). Where the FP8 kernels run, linears whose
-shapes `torch._scaled_mm` cannot run are left in high precision (skipped, with the reason). `fp8_attention=False`
-keeps attention in high precision.
+shapes `torch._scaled_mm` cannot run are left in high precision (skipped, with the reason).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
                         thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto",
                         auto_features: Optional[set[str]] = None, sparsity_method: str = "auto",
-                        fp8_attention: bool = True) -> list[ModulePassResult]:
+                        fp8_attention: bool = False) -> list[ModulePassResult]:
     """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
     the passes applied so far are undone before it propagates. `auto_features`: the enabled ones that the profile
     set to `auto` (not forced), dropped when there is no calibration text to gate them on. `fp8_attention`: FP8
@@ -184,7 +184,7 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
 
 def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Optional[torch.Tensor],
                limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]],
-               sparsity_method: str = "auto", fp8_attention: bool = True) -> None:
+               sparsity_method: str = "auto", fp8_attention: bool = False) -> None:
     """The gate's loop; appends every pass it runs to `ran` at once (for the caller's undo on an error)."""
     from moe_compile.quality.eval import perplexity
 

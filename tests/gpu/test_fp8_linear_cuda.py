@@ -118,7 +118,7 @@ def _logits(model, ids):
 
 def test_tiny_qwen3_moe_attention_runs_the_kernel_end_to_end():
     model = build_tiny_model("tiny-qwen3-moe", dtype=torch.bfloat16).cuda()
-    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False)
+    mc.optimize(model, "conservative", fp8=True, fp8_calibration="max", verify=False, fp8_attention=True)
     r = model.moe_compile
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
     assert len(layers) == 8 and r.quality["fp8_attention"]["applied"] and r.pass_counts["quantize_linears_fp8"] == 8
@@ -134,7 +134,7 @@ def test_aggressive_profile_applies_attention_fp8_and_decodes_from_cuda_graphs()
     model = build_tiny_model("tiny-qwen3-moe", dtype=torch.bfloat16).cuda()
     calibration = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(1))
     mc.optimize(model, "aggressive", calibration_text=calibration, fp8_calibration="max",
-                quality_thresholds={"fp8": 1.0}, verify=False)
+                quality_thresholds={"fp8": 1.0}, verify=False, fp8_attention=True)
     r = model.moe_compile
     assert r.features["fp8"] and r.quality["fp8_attention"]["gated"] and r.quality["fp8_attention"]["applied"]
     prompt = IDS[:1, :7].cuda()
