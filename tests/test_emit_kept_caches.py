@@ -210,3 +210,34 @@ def test_cache_allocated_by_its_first_prefill_is_not_compiled_into_it():
         assert decode_graphs(model).compiled == {1: 1} and decode_caches(model).reused == {1: 1}
     finally:
         disable_cuda_graph_decode(model)
+
+
+def test_sliding_window_layers_decode_from_one_graph_per_bucket():
+    """GPT-OSS alternates sliding-window (16 tokens here) and full attention. transformers' sliding static layer
+    branches on a Python int, so the compiled decode step compiled again at every token (10 graphs for bucket 4
+    until the recompile limit; bucket 1 then ran eagerly). Kept caches hold those layers at full length: one graph
+    per bucket, and the original model's tokens with left padding and 24 new tokens past the window."""
+    from moe_compile.emit.generate import decode_graphs
+
+    model = mc.optimize(build_tiny_model("tiny-gpt-oss"), "conservative")
+    model.generation_config.pad_token_id = 0
+    assert model.config.sliding_window == 16 and "sliding_attention" in model.config.layer_types
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 128, (3, 10), generator=generator)
+    ids[0, :3] = 0
+    mask = (ids != 0).long()
+
+    def greedy(prompt, attention_mask=None):
+        return model.generate(prompt, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
+
+    expected, expected_one = greedy(ids, mask), greedy(ids[1:2])
+    torch._dynamo.reset()
+    enable_cuda_graph_decode(model, buckets=(1, 4), min_cache_len=MIN_CACHE)
+    _compile_decode_on_cpu(model)
+    try:
+        assert torch.equal(greedy(ids, mask), expected) and torch.equal(greedy(ids[1:2]), expected_one)
+        assert dict(decode_graphs(model).compiled) == {4: 1, 1: 1}
+        kept = decode_caches(model).kept[4].cache
+        assert [type(layer).__name__ for layer in kept.layers] == ["StaticLayer", "StaticLayer"]
+    finally:
+        disable_cuda_graph_decode(model)

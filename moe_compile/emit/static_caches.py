@@ -60,6 +60,25 @@ def cache_is_allocated(cache: Any) -> bool:
     return all(getattr(layer, "is_initialized", True) for layer in getattr(cache, "layers", ()))
 
 
+def full_length_window_layers(cache: Any, length: int) -> int:
+    """Make a kept cache's sliding-window (and chunked) layers full-length static layers; returns how many.
+
+    transformers' `StaticSlidingWindowLayer` keeps the last `window` tokens and tracks its fill in a Python int that
+    its update and mask sizes branch on, so a compiled decode step guards on that int and compiles again at every
+    step (seen with GPT-OSS: one graph per token until Dynamo's recompile limit). A full-length layer writes at the
+    step's cache position (a tensor) like the full-attention layers; the model's sliding-window or chunked mask,
+    built from the config over absolute positions, keeps attention to the same tokens. Costs: those layers hold
+    `length` tokens instead of `window`, and their attention reads the whole kept cache."""
+    from transformers.cache_utils import StaticLayer
+
+    replaced = 0
+    for index, layer in enumerate(getattr(cache, "layers", ())):
+        if type(layer).__name__ == "StaticSlidingWindowLayer":
+            cache.layers[index] = StaticLayer(max_cache_len=length)
+            replaced += 1
+    return replaced
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
@@ -169,6 +188,7 @@ class KeptCaches:
         if previous is not None:
             self.kept.pop(batch)  # the old tensors go before the new ones are allocated
         cache = StaticCache(config=text_config, max_cache_len=length)
+        full_length_window_layers(cache, length)
         signature = _activation_signature(model)
         shape = model._get_static_cache_init_shape() if hasattr(model, "_get_static_cache_init_shape") else None
         if shape is not None:
