@@ -14,7 +14,7 @@ from moe_compile.emit.generate import decode_graphs, disable_cuda_graph_decode, 
 from moe_compile.models import build_tiny_model
 from tests.test_emit_buckets import _compile_decode_on_cpu
 
-B, H, HKV, L, D = 3, 8, 2, 11, 16  # batch, query heads, kv heads, cache length, head dim
+B, H, HKV, L, D = 4, 8, 2, 11, 16  # batch, query heads, kv heads, cache length, head dim (B x HKV = 8 rows)
 FP32_ATOL = 1e-6
 
 
@@ -49,6 +49,22 @@ def test_one_token_matches_sdpa_on_repeated_kv(mask_kind):
     sliced = None if mask is None else mask[..., :L]
     assert weights is None and out.shape == (B, 1, H, D)
     torch.testing.assert_close(out, _repeated_reference(query, key, value, sliced, 0.3), atol=FP32_ATOL, rtol=0)
+
+
+def test_few_rows_take_transformers_sdpa_path():
+    """Batch 1 with 2 kv heads: 2 rows, fewer than MIN_FOLDED_ROWS: transformers' own path, bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from moe_compile.emit.attention import MIN_FOLDED_ROWS
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(1, H, 1, D, generator=generator)
+    key, value = torch.randn(1, HKV, L, D, generator=generator), torch.randn(1, HKV, L, D, generator=generator)
+    mask = torch.ones(1, 1, 1, L, dtype=torch.bool)
+    assert HKV < MIN_FOLDED_ROWS
+    ours, _ = gqa_sdpa_attention(_Attention(), query, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.3)
+    assert torch.equal(ours, theirs)
 
 
 def test_many_tokens_take_transformers_sdpa_path():
