@@ -175,3 +175,17 @@ def test_buckets_in_turn_replay_their_graphs_with_a_compiled_prefill():
     assert greedy(long_prompt).shape == (4, 300 + STEPS)
     assert graphs.compiled == {1: 1, 4: 2} and caches.summary()[4]["tokens"] == 512
     assert prefill.runs == {"compiled": 5}
+
+
+def test_sliding_window_model_decodes_from_one_graph_per_bucket():
+    """GPT-OSS (sliding-window layers of 16 tokens here), fp32: the original tokens for STEPS steps past the window,
+    from one decode graph per bucket (the kept cache holds its sliding layers at full length)."""
+    torch._dynamo.reset()
+    model = _model("tiny-gpt-oss", dtype=torch.float32)
+    prompt = torch.tensor([[3, 17, 42, 5, 99, 8, 61, 7]], device="cuda")
+    expected = model.generate(prompt, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    mc.optimize(model, "balanced")
+    for _ in range(2):
+        assert torch.equal(model.generate(prompt, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False),
+                           expected)
+    assert dict(_decode_graphs(model).compiled) == {1: 1}
