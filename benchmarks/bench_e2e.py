@@ -76,24 +76,26 @@ def set_experts_implementation(model, impl: str) -> None:
             config._experts_implementation = impl
 
 
-_NON_EXPERT: dict[int, int] = {}  # layers -> bf16 non-expert bytes read per step, counted on the unoptimized model
+def expert_bytes(config) -> int:
+    """bf16 bytes of one expert (gate, up and down projections)."""
+    return 3 * config.hidden_size * config.moe_intermediate_size * 2
 
 
-def step_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
-    """Bytes one decode step must read in bf16: non-expert weights, the activated experts (expected distinct experts
-    under uniform routing), the KV cache; over the measured copy bandwidth. The model's own parameters count only
-    while it is unoptimized (packed experts are buffers): optimized rows reuse the bf16 count (`_NON_EXPERT`)."""
+def non_expert_bytes(model) -> int:
+    """bf16 weight bytes a decode step reads besides the experts (the embedding table aside: only `batch` rows of it
+    are read). Counted on the unoptimized model: packed experts are buffers, not parameters."""
     c = model.config
-    expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - c.num_hidden_layers * c.num_experts * expert_bytes(c) - c.vocab_size * c.hidden_size * 2
+
+
+def step_floor_ms(config, non_expert: int, batch: int, context: int, bandwidth: float) -> float:
+    """Bytes one decode step must read in bf16: non-expert weights, the activated experts (expected distinct experts
+    under uniform routing), the KV cache; over the measured copy bandwidth."""
+    c = config
     active = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
-    if getattr(model, "moe_compile", None) is None:
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        all_experts = c.num_hidden_layers * c.num_experts * expert_bytes
-        embed = c.vocab_size * c.hidden_size * 2  # only `batch` rows are read
-        _NON_EXPERT[c.num_hidden_layers] = total - all_experts - embed
-    non_expert = _NON_EXPERT[c.num_hidden_layers]
     kv = batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
-    nbytes = non_expert + c.num_hidden_layers * active * expert_bytes + kv
+    nbytes = non_expert + c.num_hidden_layers * active * expert_bytes(c) + kv
     return 1e3 * nbytes / bandwidth
 
 
@@ -156,7 +158,7 @@ def run(args) -> list[E2ERow]:
     bandwidth = utils.copy_bandwidth()
     print(f"{meta['card']}: copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     model = build_model(args.layers)
-    step_floor_ms(model, 1, args.prompt, bandwidth)  # counts the bf16 non-expert bytes before anything is packed
+    args.non_expert_bytes = non_expert_bytes(model)  # before anything is optimized (every row's floor uses it)
     batches = [int(b) for b in args.batches.split(",")]
     rows, reference_tokens = [], {}
     impls = [("hf_eager", "eager", {}), ("hf_grouped_mm", "grouped_mm", {}),
@@ -270,7 +272,7 @@ def trace_decode(model, args, batch: int) -> None:
 def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwargs) -> E2ERow:
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(batch))
-    floor = step_floor_ms(model, batch, args.prompt + steps, bandwidth)
+    floor = step_floor_ms(model.config, args.non_expert_bytes, batch, args.prompt + steps, bandwidth)
     try:
         m = measure(model, ids, steps, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:

@@ -73,4 +73,3 @@ def _fp8_block(block: FusedMoEBlock, scales: Optional[tuple[Tensor, Tensor]]) ->
     w13, w2 = (block.w13, block.w2) if packed is None else (packed.w13, packed.w2)
     m13, m2 = (None, None) if packed is None else (packed.w13_meta, packed.w2_meta)
     return fp8_experts(w13, w2, scales, m13, m2)
-

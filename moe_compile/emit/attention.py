@@ -44,11 +44,11 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     batch, heads, q_len, _ = query.shape
-    few_rows = batch * max(heads // groups, 1) < MIN_FOLDED_ROWS
+    kv_heads = heads // groups
+    few_rows = batch * kv_heads < MIN_FOLDED_ROWS
     if q_len != 1 or groups <= 1 or few_rows or any(kwargs.get(k) is not None for k in DELEGATED_KWARGS):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    kv_heads = heads // groups
     folded = query.reshape(batch, kv_heads, groups, query.shape[-1])  # [B, Hkv, G, D]: the group as positions
     mask = attention_mask
     if mask is not None:

@@ -129,7 +129,7 @@ def _move_weights(saved: tuple, device: torch.device) -> int:
     return moved
 
 
-def dense_bytes(blocks: list[nn.Module]) -> int:
+def expert_weight_bytes(blocks: list[nn.Module]) -> int:
     """Bytes of the expert weights the blocks hold now (dense parameters or packed buffers)."""
     total = 0
     for block in blocks:
@@ -147,7 +147,7 @@ def offload_needed(blocks: list[nn.Module]) -> bool:
     if device is None or device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return free < dense_bytes(blocks)
+    return free < expert_weight_bytes(blocks)
 
 
 def convert_blocks(result: ModulePassResult, planned: list[tuple[nn.Module, Callable[[], PackedExperts]]],
