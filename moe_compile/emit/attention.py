@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from moe_compile.kernels.attention_op import kernel_takes
+
 log = logging.getLogger("moe_compile")
 
 NAME = "moe_compile_sdpa"
@@ -45,20 +47,34 @@ def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     batch, heads, q_len, _ = query.shape
     kv_heads = heads // groups
-    few_rows = batch * kv_heads < MIN_FOLDED_ROWS
-    if q_len != 1 or groups <= 1 or few_rows or any(kwargs.get(k) is not None for k in DELEGATED_KWARGS):
+    if q_len != 1 or groups <= 1 or dropout or any(kwargs.get(k) is not None for k in DELEGATED_KWARGS):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     folded = query.reshape(batch, kv_heads, groups, query.shape[-1])  # [B, Hkv, G, D]: the group as positions
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]  # [B, 1 or H, 1, L]
-        if mask.shape[1] != 1:
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]  # [B, 1 or H, 1, L]
+    key_mask = _key_mask(mask, batch)
+    if key_mask is not False and kernel_takes(folded, key, value, key_mask):
+        scale = scaling if scaling is not None else folded.shape[-1] ** -0.5
+        out = torch.ops.moe_compile.gqa_decode_attention(folded, key, value, key_mask, scale)  # [B, Hkv, G, Dv]
+    elif batch * kv_heads < MIN_FOLDED_ROWS:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    else:
+        if mask is not None and mask.shape[1] != 1:
             mask = mask.reshape(mask.shape[0], kv_heads, groups, mask.shape[-1])  # per-head: [B, Hkv, G, L]
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling)  # [B, Hkv, G, Dv]
+        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     out = out.reshape(out.shape[0], heads, 1, value.shape[-1])  # back to [B, H, 1, Dv]
     return out.transpose(1, 2).contiguous(), None  # [B, 1, H, Dv]
+
+
+def _key_mask(mask: Optional[torch.Tensor], batch: int):
+    """A mask shared by the heads, [B or 1, 1, 1, L] bool, as [B, L] (None for no mask); False for any other form
+    (additive, per head), which SDPA takes instead of the kernel."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return False
+    return mask[:, 0, 0, :].expand(batch, mask.shape[-1])
 
 
 def register() -> bool:

@@ -1,0 +1,134 @@
+"""Split-KV decode attention for grouped queries (flash-decoding): one query token per sequence, the G query heads
+of a kv head read as G query rows, the cache split along its length over many programs, then one combine.
+
+Why: at decode a (batch x kv head) pair is one row block of work; with few of them (batch 1: 4 kv heads) an
+attention kernel that walks the whole cache in one program per pair has a handful of programs on 132 SMs and
+runs at the latency of one serial walk. Splitting the cache gives every SM work, and a split whose cache slots
+are all masked (slots not yet written in a static cache, left padding) loads nothing, so a step reads only the
+keys and values in use, not the whole pre-allocated cache.
+
+Phase 1 (`_split_kernel`, grid [B * Hkv, S]): for split s, keys n in [s * SPLIT, (s + 1) * SPLIT):
+  scores [G, BN] = q [G, D] . k [BN, D]^T * scale, masked to -inf; online softmax over the split's BN-tiles;
+  writes the unnormalised partial output [G, Dv] (fp32), its running max m and sum l [G].
+Phase 2 (`_combine_kernel`, grid [B * Hkv]): out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s,
+  in the query's dtype; a row with no visible key gives zeros.
+
+Dimension legend: B = batch, Hkv = kv heads, G = query heads per kv head (GP: padded to a power of two >= 16 for
+tl.dot), L = cache length, D = head dim, Dv = value head dim, BN = keys per tile, S = splits, SPLIT = keys per split.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_N = 32  # keys per tile: one tile of a 16 x 128 bf16 query against 32 keys keeps the registers small
+PROGRAMS_PER_SM = 4  # splits are chosen so that B * Hkv * S reaches this many programs per SM (empty splits exit)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr,
+                  stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                  stride_mb, stride_ml, HKV, G, L, SPLIT, S, scale,
+                  GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+                  IEEE: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tl.arange(0, GP)  # [GP] query heads of the group
+    dims = tl.arange(0, D)
+    dims_v = tl.arange(0, DV)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qg + dims[None, :],
+                mask=rows[:, None] < G, other=0.0)  # [GP, D]
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DV], tl.float32)
+    start = s * SPLIT
+    end = tl.minimum(start + SPLIT, L)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for n0 in range(start, end, BN):
+        keys = n0 + tl.arange(0, BN)  # [BN]
+        visible = keys < end
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptr + b * stride_mb + keys * stride_ml, mask=visible, other=0) != 0)
+        if tl.max(visible.to(tl.int32), axis=0) > 0:  # a tile of unwritten or padded slots loads nothing
+            k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :], mask=visible[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GP, BN]
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: the tile has a visible key
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + keys[:, None] * stride_vl + dims_v[None, :], mask=visible[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv  # [GP, DV]
+            m_i = m_new
+    part = bh * S + s
+    tl.store(acc_ptr + part * GP * DV + rows[:, None] * DV + dims_v[None, :], acc)
+    tl.store(ml_ptr + part * 2 * GP + rows, m_i)
+    tl.store(ml_ptr + part * 2 * GP + GP + rows, l_i)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, stride_og, HKV, G, S,
+                    GP: tl.constexpr, DV: tl.constexpr):
+    bh = tl.program_id(0)
+    rows = tl.arange(0, GP)
+    dims_v = tl.arange(0, DV)
+    m_max = tl.full([GP], float("-inf"), tl.float32)
+    for s in range(0, S):
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + (bh * S + s) * 2 * GP + rows))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # no visible key in any split: weights 0, output 0
+    total = tl.zeros([GP], tl.float32)
+    out = tl.zeros([GP, DV], tl.float32)
+    for s in range(0, S):
+        part = bh * S + s
+        weight = tl.exp(tl.load(ml_ptr + part * 2 * GP + rows) - m_safe)  # [GP]; 0 for an empty split
+        total += weight * tl.load(ml_ptr + part * 2 * GP + GP + rows)
+        out += weight[:, None] * tl.load(acc_ptr + part * GP * DV + rows[:, None] * DV + dims_v[None, :])
+    out = out / tl.where(total == 0.0, 1.0, total)[:, None]
+    b = bh // HKV
+    h = bh % HKV
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_og + dims_v[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < G)
+
+
+def splits_for(pairs: int, length: int, num_sms: int) -> tuple[int, int]:
+    """(S splits, SPLIT keys per split, a multiple of BLOCK_N) so that pairs * S reaches PROGRAMS_PER_SM per SM."""
+    wanted = max(1, min(triton.cdiv(PROGRAMS_PER_SM * num_sms, pairs), triton.cdiv(length, BLOCK_N)))
+    split = triton.cdiv(triton.cdiv(length, wanted), BLOCK_N) * BLOCK_N
+    return triton.cdiv(length, split), split
+
+
+def decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """query [B, Hkv, G, D], key [B, Hkv, L, D], value [B, Hkv, L, Dv], mask [B, L] bool (True: attend) or None
+    -> [B, Hkv, G, Dv] in the query's dtype. D and Dv powers of two; the last dims contiguous."""
+    batch, kv_heads, groups, dim = query.shape
+    length, dim_v = key.shape[2], value.shape[3]
+    padded = max(16, triton.next_power_of_2(groups))
+    pairs = batch * kv_heads
+    num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
+    splits, split = splits_for(pairs, length, num_sms)
+    acc = torch.empty(pairs * splits * padded * dim_v, device=query.device, dtype=torch.float32)
+    ml = torch.empty(pairs * splits * 2 * padded, device=query.device, dtype=torch.float32)
+    out = torch.empty(batch, kv_heads, groups, dim_v, device=query.device, dtype=query.dtype)
+    mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    _split_kernel[(pairs, splits)](
+        query, key, value, mask if mask is not None else query, acc, ml,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), *mask_strides, kv_heads, groups, length, split, splits,
+        scale, GP=padded, D=dim, DV=dim_v, BN=BLOCK_N, HAS_MASK=mask is not None,
+        IEEE=query.dtype == torch.float32)
+    _combine_kernel[(pairs,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, groups, splits,
+                              GP=padded, DV=dim_v)
+    return out
