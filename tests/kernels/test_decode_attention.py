@@ -21,7 +21,8 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)", allow_module_level=True)
 try:
     from moe_compile.kernels.attention_op import kernel_takes, reference_decode_attention
-    from moe_compile.kernels.triton.decode_attention import decode_attention, splits_for
+    from moe_compile.kernels.triton.decode_attention import (
+        BLOCK_N, COMBINE_CHUNK, MAX_SPLIT, PROGRAMS_PER_SM, decode_attention, splits_for)
 except ImportError as exc:
     pytest.skip(f"triton unavailable: {exc}", allow_module_level=True)
 
@@ -78,6 +79,12 @@ def test_benchmark_shapes(batch, length):
     _check(batch, 4, 8, length, 128, 128, torch.bfloat16, "static_cache", seed=batch)
 
 
+def test_more_splits_than_one_combine_chunk():
+    """1100 keys of one kv head: more splits than one combine load takes, some of them empty."""
+    assert splits_for(1, 1100, 132)[0] > COMBINE_CHUNK
+    _check(1, 1, 2, 1100, dim=16, dim_v=16, dtype=DTYPES[0], mask_kind="left_padded")
+
+
 def test_value_dim_differs_from_key_dim():
     _check(2, 2, 4, 50, dim=32, dim_v=64, dtype=DTYPES[0], mask_kind="static_cache")
 
@@ -95,8 +102,8 @@ def test_row_without_visible_keys_gives_zeros():
 def test_splits_cover_the_cache_and_fill_the_gpu():
     for pairs, length in [(4, 1024), (256, 1024), (1, 1), (4, 33), (1024, 8192)]:
         splits, split = splits_for(pairs, length, num_sms=132)
-        assert split % 32 == 0 and (splits - 1) * split < length <= splits * split
-        assert pairs * splits >= min(4 * 132, pairs * -(-length // 32))
+        assert split % BLOCK_N == 0 and split <= MAX_SPLIT and (splits - 1) * split < length <= splits * split
+        assert pairs * splits >= min(PROGRAMS_PER_SM * 132, pairs * -(-length // BLOCK_N))
 
 
 @pytest.mark.skipif(INTERPRET, reason="dispatch rules are for CUDA tensors")

@@ -10,8 +10,9 @@ keys and values in use, not the whole pre-allocated cache.
 Phase 1 (`_split_kernel`, grid [B * Hkv, S]): for split s, keys n in [s * SPLIT, (s + 1) * SPLIT):
   scores [G, BN] = q [G, D] . k [BN, D]^T * scale, masked to -inf; online softmax over the split's BN-tiles;
   writes the unnormalised partial output [G, Dv] (fp32), its running max m and sum l [G].
-Phase 2 (`_combine_kernel`, grid [B * Hkv]): out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s,
-  in the query's dtype; a row with no visible key gives zeros.
+Phase 2 (`_combine_kernel`, grid [B * Hkv * G], one query row each, COMBINE_CHUNK splits per load):
+  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, M = max_s m_s, in the query's dtype; splits with no
+  visible key wrote no partial output and are not read; a row with no visible key gives zeros.
 
 Dimension legend: B = batch, Hkv = kv heads, G = query heads per kv head (GP: padded to a power of two >= 16 for
 tl.dot), L = cache length, D = head dim, Dv = value head dim, BN = keys per tile, S = splits, SPLIT = keys per split.
@@ -25,11 +26,16 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_N = 32  # keys per tile: one tile of a 16 x 128 bf16 query against 32 keys keeps the registers small
-PROGRAMS_PER_SM = 4  # splits are chosen so that B * Hkv * S reaches this many programs per SM (empty splits exit)
+# Splits: enough that B * Hkv * S reaches PROGRAMS_PER_SM programs per SM, and none longer than MAX_SPLIT keys: the
+# visible part of a static cache is unknown at launch (the graph is replayed as it fills), and splits past it exit
+# after reading their mask, so short splits keep the work of the visible part spread over the grid.
+PROGRAMS_PER_SM = 8
+MAX_SPLIT = 128
+COMBINE_CHUNK = 32  # splits combined per load: [32, Dv] fp32 partial outputs
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr,
                   stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                   stride_mb, stride_ml, HKV, G, L, SPLIT, S, scale,
                   GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -73,40 +79,47 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr,
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv  # [GP, DV]
             m_i = m_new
-    part = bh * S + s
-    tl.store(acc_ptr + part * GP * DV + rows[:, None] * DV + dims_v[None, :], acc)
-    tl.store(ml_ptr + part * 2 * GP + rows, m_i)
-    tl.store(ml_ptr + part * 2 * GP + GP + rows, l_i)
+    # partials: acc [pairs, G, S, DV] and m, l [pairs, G, S]; a split with no visible key writes only m = -inf
+    row_ok = rows < G
+    part = (bh * G + rows) * S + s  # [GP]
+    tl.store(acc_ptr + part[:, None] * DV + dims_v[None, :], acc, mask=row_ok[:, None] & (l_i[:, None] > 0))
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
 
 
 @triton.jit
-def _combine_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, stride_og, HKV, G, S,
-                    GP: tl.constexpr, DV: tl.constexpr):
-    bh = tl.program_id(0)
-    rows = tl.arange(0, GP)
+def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, stride_ob, stride_oh, stride_og, HKV, G, S,
+                    DV: tl.constexpr, SC: tl.constexpr):
+    pid = tl.program_id(0)  # one (batch, kv head, query row)
+    bh = pid // G
+    g = pid % G
+    base = pid * S
     dims_v = tl.arange(0, DV)
-    m_max = tl.full([GP], float("-inf"), tl.float32)
-    for s in range(0, S):
-        m_max = tl.maximum(m_max, tl.load(ml_ptr + (bh * S + s) * 2 * GP + rows))
+    m_max = float("-inf")
+    for s0 in range(0, S, SC):
+        splits = s0 + tl.arange(0, SC)
+        m_max = tl.maximum(m_max, tl.max(tl.load(m_ptr + base + splits, mask=splits < S, other=float("-inf")), 0))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # no visible key in any split: weights 0, output 0
-    total = tl.zeros([GP], tl.float32)
-    out = tl.zeros([GP, DV], tl.float32)
-    for s in range(0, S):
-        part = bh * S + s
-        weight = tl.exp(tl.load(ml_ptr + part * 2 * GP + rows) - m_safe)  # [GP]; 0 for an empty split
-        total += weight * tl.load(ml_ptr + part * 2 * GP + GP + rows)
-        out += weight[:, None] * tl.load(acc_ptr + part * GP * DV + rows[:, None] * DV + dims_v[None, :])
-    out = out / tl.where(total == 0.0, 1.0, total)[:, None]
+    total = 0.0
+    out = tl.zeros([DV], tl.float32)
+    for s0 in range(0, S, SC):
+        splits = s0 + tl.arange(0, SC)  # [SC]
+        in_range = splits < S
+        weight = tl.exp(tl.load(m_ptr + base + splits, mask=in_range, other=float("-inf")) - m_safe)  # 0: empty
+        total += tl.sum(weight * tl.load(l_ptr + base + splits, mask=in_range, other=0.0), 0)
+        used = in_range & (weight > 0)  # empty splits wrote no partial output: not read
+        acc = tl.load(acc_ptr + (base + splits)[:, None] * DV + dims_v[None, :], mask=used[:, None], other=0.0)
+        out += tl.sum(weight[:, None] * acc, 0)  # [DV]
+    out = out / tl.where(total == 0.0, 1.0, total)
     b = bh // HKV
     h = bh % HKV
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_og + dims_v[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < G)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + g * stride_og + dims_v, out.to(out_ptr.dtype.element_ty))
 
 
 def splits_for(pairs: int, length: int, num_sms: int) -> tuple[int, int]:
-    """(S splits, SPLIT keys per split, a multiple of BLOCK_N) so that pairs * S reaches PROGRAMS_PER_SM per SM."""
+    """(S splits, SPLIT keys per split: a multiple of BLOCK_N, at most MAX_SPLIT)."""
     wanted = max(1, min(triton.cdiv(PROGRAMS_PER_SM * num_sms, pairs), triton.cdiv(length, BLOCK_N)))
-    split = triton.cdiv(triton.cdiv(length, wanted), BLOCK_N) * BLOCK_N
+    split = min(MAX_SPLIT, triton.cdiv(triton.cdiv(length, wanted), BLOCK_N) * BLOCK_N)
     return triton.cdiv(length, split), split
 
 
@@ -119,16 +132,16 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
     pairs = batch * kv_heads
     num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
     splits, split = splits_for(pairs, length, num_sms)
-    acc = torch.empty(pairs * splits * padded * dim_v, device=query.device, dtype=torch.float32)
-    ml = torch.empty(pairs * splits * 2 * padded, device=query.device, dtype=torch.float32)
+    acc = torch.empty(pairs * groups * splits * dim_v, device=query.device, dtype=torch.float32)
+    m, l = (torch.empty(pairs * groups * splits, device=query.device, dtype=torch.float32) for _ in range(2))
     out = torch.empty(batch, kv_heads, groups, dim_v, device=query.device, dtype=query.dtype)
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     _split_kernel[(pairs, splits)](
-        query, key, value, mask if mask is not None else query, acc, ml,
+        query, key, value, mask if mask is not None else query, acc, m, l,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), *mask_strides, kv_heads, groups, length, split, splits,
         scale, GP=padded, D=dim, DV=dim_v, BN=BLOCK_N, HAS_MASK=mask is not None,
         IEEE=query.dtype == torch.float32)
-    _combine_kernel[(pairs,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, groups, splits,
-                              GP=padded, DV=dim_v)
+    _combine_kernel[(pairs * groups,)](acc, m, l, out, out.stride(0), out.stride(1), out.stride(2), kv_heads,
+                                       groups, splits, DV=dim_v, SC=COMBINE_CHUNK)
     return out
