@@ -323,6 +323,29 @@ def write_rows(rows: list[E2ERow], stem: str) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
+def read_rows(path: str) -> list[E2ERow]:
+    """Rows of a CSV written by `write_rows` (empty fields: None)."""
+    types = {name: str(field.type) for name, field in E2ERow.__dataclass_fields__.items()}  # "Optional[float]"...
+    parsers = {"int": int, "float": float, "str": str}
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for name, text in record.items():
+                kind = types[name].removeprefix("Optional[").removesuffix("]")
+                values[name] = None if text == "" and types[name].startswith("Optional") else parsers[kind](text)
+            rows.append(E2ERow(**values))
+    return rows
+
+
+def merge(paths: list[str], stem: str) -> None:
+    """One CSV and plot from the CSVs of several runs (e.g. one batch per run, each under a time limit)."""
+    rows = [r for path in paths for r in read_rows(path)]
+    write_rows(rows, stem)
+    plot(rows, stem + ".png")
+    print(f"merged {len(rows)} rows into {stem}.csv and .png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=48)
@@ -338,7 +361,13 @@ def main() -> None:
                         help="ours: eager keeps generate's prefill uncompiled (compile=False: a shorter warm-up; the "
                         "decode steps are the same CUDA-graph replays)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--merge", nargs="+", metavar="CSV", help="no run: merge these result CSVs into --stem's CSV "
+                        "and plot (runs split by batch to fit a time limit)")
+    parser.add_argument("--stem", help="with --merge: output path without extension")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.stem or os.path.join(args.out, "e2e_merged"))
+        return
     args.overrides = {"compile": False} if args.prefill == "eager" else {}
     args.prefill_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
     os.makedirs(args.out, exist_ok=True)

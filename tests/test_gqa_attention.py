@@ -111,3 +111,19 @@ def test_models_without_grouped_queries_or_sdpa_are_left_alone():
         if hasattr(module, "num_key_value_groups"):
             module.num_key_value_groups = 1  # as in a model with as many kv heads as query heads
     assert use_gqa_decode_attention(mha)[0] == 0 and mha.config._attn_implementation == "sdpa"
+
+
+def test_decode_attention_op_is_registered_with_its_fake():
+    """The op a compiled decode step calls: schema, fake (meta) shapes and the reference it runs on CPU."""
+    from moe_compile.kernels.attention_op import reference_decode_attention
+
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(B, HKV, H // HKV, D, generator=generator)
+    key, value = torch.randn(B, HKV, L, D, generator=generator), torch.randn(B, HKV, L, 2 * D, generator=generator)
+    mask = torch.rand(B, L, generator=generator) > 0.3
+    mask[:, 0] = True
+    op = torch.ops.moe_compile.gqa_decode_attention
+    torch.library.opcheck(op, (query, key, value, mask, 0.25))
+    out = op(query, key, value, mask, 0.25)
+    assert out.shape == (B, HKV, H // HKV, 2 * D)
+    torch.testing.assert_close(out, reference_decode_attention(query, key, value, mask, 0.25), atol=0, rtol=0)
