@@ -10,7 +10,8 @@ measured in the same run.
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
 `--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
 fp8=True and/or sparsity_24=True (ungated: no calibration text), its experts on the packed-weight kernels;
-`fp8-experts` keeps the attention linears in bf16 (fp8_attention=False).
+`fp8-experts` keeps the attention linears in bf16 (fp8_attention=False). With MOE_COMPILE_DEFERRED_STOP=1 in the
+environment our rows defer generate's stop check by a step (emit/deferred_stop.py; noted in the rows).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 
 import moe_compile as mc  # noqa: E402
+from moe_compile.emit import deferred_stop  # noqa: E402
 
 QWEN3_30B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
                  num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
@@ -204,7 +206,7 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
-        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}{args.prefill_note}"
+        row.note = f"optimize() {optimize_s:.1f}s; features {enabled}{args.run_note}"
         rows.append(row)
         write_rows(rows, args.stem)
     if args.trace:
@@ -229,7 +231,7 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
                    reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
         row.note = (f"optimize() {optimize_s:.1f}s; features {enabled}; floor counts bf16 expert bytes"
-                    f"{args.prefill_note}")
+                    f"{args.run_note}")
         rows.append(row)
     return rows
 
@@ -369,7 +371,9 @@ def main() -> None:
         merge(args.merge, args.stem or os.path.join(args.out, "e2e_merged"))
         return
     args.overrides = {"compile": False} if args.prefill == "eager" else {}
-    args.prefill_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
+    args.run_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
+    if deferred_stop.enabled():
+        args.run_note += f"; deferred stop checks ({deferred_stop.ENABLE_ENV}=1)"
     os.makedirs(args.out, exist_ok=True)
     meta = utils.run_meta()
     args.stem = os.path.join(args.out, f"e2e_{meta['card'].replace(' ', '_')}_{meta['date']}")

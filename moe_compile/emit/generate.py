@@ -32,6 +32,7 @@ from torch import nn
 
 from moe_compile.emit.buckets import DEFAULT_BUCKETS, BucketedGenerate, check_buckets
 from moe_compile.emit.decode_graphs import DecodeGraphs
+from moe_compile.emit.deferred_stop import deferring_stop_checks
 from moe_compile.emit.prefill import CompiledPrefill
 from moe_compile.emit.static_caches import DEFAULT_MIN_CACHE_LEN, KeptCaches
 
@@ -109,7 +110,7 @@ def _install(model: nn.Module, state: _DecodeState, specialize_phase: bool, comp
 
     @contextlib.contextmanager
     def serving(real_batch: int, bucket: int) -> Iterator[None]:
-        with state.graphs.serving(real_batch, bucket), state.caches.serving(bucket):
+        with state.graphs.serving(real_batch, bucket), state.caches.serving(bucket), deferring_stop_checks():
             yield
 
     @contextlib.contextmanager

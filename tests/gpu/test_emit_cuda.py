@@ -125,6 +125,30 @@ def test_bucketed_generate_sampling_eos_and_left_padding():
     assert _decode_graphs(model).captured_buckets == [4]
 
 
+def test_deferred_stop_checks_give_the_same_tokens(monkeypatch):
+    """MOE_COMPILE_DEFERRED_STOP=1 (emit/deferred_stop.py): the bucketed decode defers generate's stop check by a
+    step; greedy tokens equal the original model's with a length stop and with an eos stop (one extra step run and
+    undone), fp32 as in the test above."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    from moe_compile.emit.deferred_stop import ENABLE_ENV
+
+    model = _model(dtype=torch.float32)
+    same = torch.tensor([[1, 2, 3, 4, 5, 6]], device="cuda").repeat(3, 1)
+    expected = model.generate(same, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    eos = int(model.generate(same[:1], max_new_tokens=5, do_sample=False)[0, -1])
+    expected_eos = model.generate(same, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos)
+    assert expected_eos.shape[1] < same.shape[1] + STEPS
+    mc.optimize(model, "balanced")
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    undone = []
+    finish = DeferredStopCheck.finish
+    monkeypatch.setattr(DeferredStopCheck, "finish", lambda self: undone.append(finish(self)) or undone[-1])
+    assert torch.equal(model.generate(same, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False), expected)
+    assert torch.equal(model.generate(same, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos), expected_eos)
+    assert undone == [0, 1]  # both calls deferred; the eos call ran one step past its stop and undid it
+
+
 def test_undo_restores_generate():
     from moe_compile.emit.generate import disable_cuda_graph_decode
 
