@@ -6,12 +6,14 @@ measured in the same run.
 
   python benchmarks/bench_e2e.py [--layers 48] [--batches 1,8,64] [--prompt 512] [--steps 16] [--out DIR]
                                  [--formats fp8,sparse24,fp8+sparse24] [--prefill compiled|eager] [--trace]
+                                 [--dynamic-decode] [--merge CSV ... --stem PATH]
 
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
 `--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
 fp8=True and/or sparsity_24=True (ungated: no calibration text), its experts on the packed-weight kernels;
 `fp8-experts` keeps the attention linears in bf16 (fp8_attention=False). With MOE_COMPILE_DEFERRED_STOP=1 in the
-environment our rows defer generate's stop check by a step (emit/deferred_stop.py; noted in the rows).
+environment our rows defer generate's stop check by a step (emit/deferred_stop.py); `--dynamic-decode` compiles
+our decode step with a dynamic batch (two compiles for all buckets); both are noted in the rows.
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
     mc.optimize(model, args.profile, **args.overrides)
     optimize_s = time.perf_counter() - start
     print(f"optimize() {optimize_s:.1f} s", flush=True)
+    dynamic_decode(model, args)
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
@@ -211,6 +214,14 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
         write_rows(rows, args.stem)
     if args.trace:
         trace_decode(model, args, batches[0])
+
+
+def dynamic_decode(model, args) -> None:
+    """--dynamic-decode: one decode graph with a dynamic batch past the first bucket (emit/generate.py)."""
+    if args.dynamic_decode:
+        from moe_compile.emit.generate import set_dynamic_decode
+
+        set_dynamic_decode(model)
 
 
 FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "fp8-experts": dict(fp8=True, fp8_attention=False),
@@ -223,6 +234,7 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
         raise SystemExit(f"unknown format {fmt!r}; known: {', '.join(FORMAT_OVERRIDES)}")
     start = time.perf_counter()
     mc.optimize(model, args.profile, **FORMAT_OVERRIDES[fmt], **args.overrides)
+    dynamic_decode(model, args)
     optimize_s = time.perf_counter() - start
     print(f"optimize({fmt}) {optimize_s:.1f} s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     rows = []
@@ -362,6 +374,8 @@ def main() -> None:
     parser.add_argument("--prefill", choices=("compiled", "eager"), default="compiled",
                         help="ours: eager keeps generate's prefill uncompiled (compile=False: a shorter warm-up; the "
                         "decode steps are the same CUDA-graph replays)")
+    parser.add_argument("--dynamic-decode", action="store_true", help="ours: compile the decode step with a dynamic "
+                        "batch (automatic dynamic shapes: two compiles for all buckets; set_dynamic_decode)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--merge", nargs="+", metavar="CSV", help="no run: merge these result CSVs into --stem's CSV "
                         "and plot (runs split by batch to fit a time limit)")
@@ -372,6 +386,8 @@ def main() -> None:
         return
     args.overrides = {"compile": False} if args.prefill == "eager" else {}
     args.run_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
+    if args.dynamic_decode:
+        args.run_note += "; decode compiled with a dynamic batch (--dynamic-decode)"
     if deferred_stop.enabled():
         args.run_note += f"; deferred stop checks ({deferred_stop.ENABLE_ENV}=1)"
     os.makedirs(args.out, exist_ok=True)

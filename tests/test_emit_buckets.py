@@ -10,6 +10,7 @@ import torch
 import moe_compile as mc
 from moe_compile.emit.buckets import bucket_for, check_buckets, pad_rows, padding_rows_done
 from moe_compile.emit.generate import (decode_graphs, disable_cuda_graph_decode, enable_cuda_graph_decode,
+                                       set_dynamic_decode,
                                        set_decode_buckets)
 from moe_compile.models import build_tiny_model
 
@@ -114,3 +115,26 @@ def test_eos_and_own_stopping_criteria_act_on_real_rows(model):
         assert beams.shape == (3, 6 + 2)
     finally:
         disable_cuda_graph_decode(model)
+
+
+def test_dynamic_batch_compiles_the_step_twice_for_all_buckets(model):
+    """dynamic_batch: the first bucket compiles with static sizes, the second with a dynamic batch, and later
+    buckets (and batches padded to them) reuse that graph, with the original tokens (fp32)."""
+    generator = torch.Generator().manual_seed(2)
+    calls = [torch.randint(1, 128, (batch, 6), generator=generator) for batch in (1, 4, 8, 16, 3)]
+    expected = [_greedy(model, ids) for ids in calls]
+    torch._dynamo.reset()
+    enable_cuda_graph_decode(model, buckets=(1, 4, 8, 16), dynamic_batch=True)
+    try:
+        config = model.generation_config.compile_config
+        assert config.dynamic is None  # Dynamo's automatic dynamic shapes
+        _compile_decode_on_cpu(model)
+        model.generation_config.compile_config.dynamic = None
+        for ids, tokens in zip(calls, expected):
+            assert torch.equal(_greedy(model, ids), tokens)
+        assert dict(decode_graphs(model).compiled) == {1: 1, 4: 1}
+        set_dynamic_decode(model, False)
+        assert model.generation_config.compile_config.dynamic is False
+    finally:
+        disable_cuda_graph_decode(model)
+

@@ -58,36 +58,43 @@ def is_hf_generative(model: nn.Module) -> bool:
     return isinstance(model, GenerationMixin) and getattr(model, "generation_config", None) is not None
 
 
-def decode_compile_config(specialize_phase: bool = False):
+def decode_compile_config(specialize_phase: bool = False, dynamic_batch: bool = False):
+    """transformers' compile config of the decode step: our backend with CUDA graphs. `dynamic_batch` lets Dynamo
+    mark sizes dynamic when they change (dynamic=None, Dynamo's automatic dynamic shapes): the first bucket compiles
+    with static sizes, the next one once more with a dynamic batch and cache length, and every later bucket and
+    grown cache reuses that graph (CUDA graphs are still recorded per bucket). Otherwise (dynamic=False) each bucket
+    and each kept-cache length compiles its own graph."""
     from transformers import CompileConfig
 
     options: dict[str, Any] = {"cudagraphs": True}
     if specialize_phase:
         options["specialize_phase"] = True
     # mode must stay None: a custom backend takes options, and torch.compile refuses both at once.
-    return CompileConfig(fullgraph=False, dynamic=False, backend="moe_compile", mode=None, options=options)
+    return CompileConfig(fullgraph=False, dynamic=None if dynamic_batch else False, backend="moe_compile", mode=None,
+                         options=options)
 
 
 def enable_cuda_graph_decode(model: nn.Module, specialize_phase: bool = False,
                              buckets: Sequence[int] = DEFAULT_BUCKETS, compile_prefill: bool = False,
                              min_cache_len: int = DEFAULT_MIN_CACHE_LEN,
-                             prefill_options: Optional[dict[str, Any]] = None) -> str:
+                             prefill_options: Optional[dict[str, Any]] = None, dynamic_batch: bool = False) -> str:
     """Configure `model.generate` for CUDA-graph decode in batch buckets, each on a static KV cache kept across
     calls (at least `min_cache_len` tokens); with `compile_prefill`, forward calls of more than one token per row
-    run a compiled forward with a dynamic token count (`prefill_options`: extra moe_compile backend options).
+    run a compiled forward with a dynamic token count (`prefill_options`: extra moe_compile backend options);
+    `dynamic_batch`: see `decode_compile_config` (experimental: fewer compiles, not yet timed on a GPU).
     Returns what was set, for the report."""
     if getattr(model, STATE, None) is not None:
         disable_cuda_graph_decode(model)  # a second optimize: start from transformers' own methods
     buckets = check_buckets(buckets)
     settings = dict(specialize_phase=specialize_phase, compile_prefill=compile_prefill, min_cache_len=min_cache_len,
-                    prefill_options=prefill_options)
+                    prefill_options=prefill_options, dynamic_batch=dynamic_batch)
     config = model.generation_config
     caches = KeptCaches(buckets, min_cache_len)
     state = _DecodeState(DecodeGraphs(buckets), caches, None, config.cache_implementation, config.compile_config,
                          settings)
     object.__setattr__(model, STATE, state)
     try:
-        _install(model, state, specialize_phase, compile_prefill, prefill_options)
+        _install(model, state, specialize_phase, compile_prefill, prefill_options, dynamic_batch)
     except BaseException:
         disable_cuda_graph_decode(model)
         raise
@@ -97,10 +104,10 @@ def enable_cuda_graph_decode(model: nn.Module, specialize_phase: bool = False,
 
 
 def _install(model: nn.Module, state: _DecodeState, specialize_phase: bool, compile_prefill: bool,
-             prefill_options: Optional[dict[str, Any]]) -> None:
+             prefill_options: Optional[dict[str, Any]], dynamic_batch: bool) -> None:
     config = model.generation_config
     config.cache_implementation = "static"
-    config.compile_config = decode_compile_config(specialize_phase)
+    config.compile_config = decode_compile_config(specialize_phase, dynamic_batch)
     state.graphs.install(model)
     state.caches.install(model)
     if compile_prefill:
@@ -128,6 +135,7 @@ def _install(model: nn.Module, state: _DecodeState, specialize_phase: bool, comp
 def _describe(state: _DecodeState, buckets: Sequence[int]) -> str:
     phase = ", decode kernels by specialize_phase" if state.settings["specialize_phase"] else ""
     kept = ", a static cache kept per bucket" if state.caches.installed else ""
+    phase += ", a dynamic batch past the first bucket" if state.settings["dynamic_batch"] else ""
     prefill = "; prefill compiled by moe_compile (dynamic token count)" if state.prefill else ""
     return f"generate: static cache + CUDA-graph decode (batch buckets {list(buckets)}{kept}{phase}){prefill}"
 
@@ -181,6 +189,13 @@ def set_decode_buckets(model: nn.Module, buckets: Sequence[int]) -> None:
     kept caches are dropped, each bucket makes its own at its next call."""
     state = _state(model, "set_decode_buckets")
     enable_cuda_graph_decode(model, buckets=buckets, **state.settings)
+
+
+def set_dynamic_decode(model: nn.Module, dynamic_batch: bool = True) -> None:
+    """Compile the decode step of a model already set up for CUDA-graph decode with a dynamic batch (or not): see
+    `decode_compile_config`. Like `set_decode_buckets`, it starts over: kept caches and compiled steps are dropped."""
+    state = _state(model, "set_dynamic_decode")
+    enable_cuda_graph_decode(model, buckets=state.graphs.buckets, **{**state.settings, "dynamic_batch": dynamic_batch})
 
 
 def release_decode_caches(model: nn.Module, buckets: Optional[Sequence[int]] = None) -> int:

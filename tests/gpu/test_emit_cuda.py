@@ -149,6 +149,26 @@ def test_deferred_stop_checks_give_the_same_tokens(monkeypatch):
     assert undone == [0, 1]  # both calls deferred; the eos call ran one step past its stop and undid it
 
 
+def test_dynamic_batch_decode_gives_the_same_tokens_from_two_graphs():
+    """set_dynamic_decode: batch 1 compiles with static sizes, batch 2 with a dynamic batch, and batches 3-8 (buckets
+    4 and 8) reuse it, each bucket replaying its own CUDA graph; greedy tokens equal the original's (fp32)."""
+    from moe_compile.emit.generate import set_dynamic_decode
+
+    model = _model(dtype=torch.float32)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    calls = [torch.randint(1, 100, (batch, 8), device="cuda", generator=generator) for batch in (1, 2, 3, 8)]
+    expected = [model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False) for ids in calls]
+    mc.optimize(model, "balanced")
+    set_dynamic_decode(model)
+    skips_before = _inductor_counters()["cudagraph_skips"]
+    for ids, tokens in zip(calls, expected):
+        assert torch.equal(model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False), tokens)
+    graphs = _decode_graphs(model)
+    assert dict(graphs.compiled) == {1: 1, 2: 1}
+    assert graphs.captured_buckets == [1, 2, 4, 8]
+    assert _inductor_counters()["cudagraph_skips"] == skips_before
+
+
 def test_undo_restores_generate():
     from moe_compile.emit.generate import disable_cuda_graph_decode
 
