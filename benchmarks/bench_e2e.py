@@ -6,7 +6,7 @@ measured in the same run.
 
   python benchmarks/bench_e2e.py [--layers 48] [--batches 1,8,64] [--prompt 512] [--steps 16] [--out DIR]
                                  [--formats fp8,sparse24,fp8+sparse24] [--prefill compiled|eager] [--trace]
-                                 [--dynamic-decode] [--merge CSV ... --stem PATH]
+                                 [--dynamic-decode] [--decode-option KEY=VALUE ...] [--merge CSV ... --stem PATH]
 
 moe_compile rewrites the model in place (it reuses the HF expert tensors: no extra memory), so it runs last.
 `--formats` adds `moe_compile_<profile>_<format>` rows: a fresh model (same seed, same weights) optimized with
@@ -205,7 +205,7 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
     mc.optimize(model, args.profile, **args.overrides)
     optimize_s = time.perf_counter() - start
     print(f"optimize() {optimize_s:.1f} s", flush=True)
-    dynamic_decode(model, args)
+    decode_settings(model, args)
     for b in batches:
         row = _row(meta, model, b, args, f"moe_compile_{args.profile}", args.steps, bandwidth, reference_tokens, {})
         enabled = sorted(k for k, v in model.moe_compile.features.items() if v)
@@ -216,12 +216,30 @@ def bf16_rows(model, args, meta, batches, bandwidth, reference_tokens, rows: lis
         trace_decode(model, args, batches[0])
 
 
-def dynamic_decode(model, args) -> None:
-    """--dynamic-decode: one decode graph with a dynamic batch past the first bucket (emit/generate.py)."""
+def decode_settings(model, args) -> None:
+    """--dynamic-decode: one decode graph with a dynamic batch past the first bucket (emit/generate.py);
+    --decode-option: extra moe_compile backend / Inductor options for the compiled decode step."""
     if args.dynamic_decode:
         from moe_compile.emit.generate import set_dynamic_decode
 
         set_dynamic_decode(model)
+    if args.decode_option:
+        config = model.generation_config.compile_config
+        config.options = {**(config.options or {}), **args.decode_options}
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """["combo_kernels=True", "max_autotune=False"] -> {"combo_kernels": True, ...} (values as Python literals)."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
 
 
 FORMAT_OVERRIDES = {"fp8": dict(fp8=True), "fp8-experts": dict(fp8=True, fp8_attention=False),
@@ -234,7 +252,7 @@ def packed_rows(model, fmt: str, args, meta, batches, bandwidth, reference_token
         raise SystemExit(f"unknown format {fmt!r}; known: {', '.join(FORMAT_OVERRIDES)}")
     start = time.perf_counter()
     mc.optimize(model, args.profile, **FORMAT_OVERRIDES[fmt], **args.overrides)
-    dynamic_decode(model, args)
+    decode_settings(model, args)
     optimize_s = time.perf_counter() - start
     print(f"optimize({fmt}) {optimize_s:.1f} s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
     rows = []
@@ -376,6 +394,9 @@ def main() -> None:
                         "decode steps are the same CUDA-graph replays)")
     parser.add_argument("--dynamic-decode", action="store_true", help="ours: compile the decode step with a dynamic "
                         "batch (automatic dynamic shapes: two compiles for all buckets; set_dynamic_decode)")
+    parser.add_argument("--decode-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="ours: an option of the compiled decode step (a moe_compile backend option or an Inductor "
+                        "config name, e.g. combo_kernels=True); repeatable")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--merge", nargs="+", metavar="CSV", help="no run: merge these result CSVs into --stem's CSV "
                         "and plot (runs split by batch to fit a time limit)")
@@ -388,6 +409,9 @@ def main() -> None:
     args.run_note = "; prefill eager (compile=False)" if args.prefill == "eager" else ""
     if args.dynamic_decode:
         args.run_note += "; decode compiled with a dynamic batch (--dynamic-decode)"
+    args.decode_options = parse_options(args.decode_option)
+    if args.decode_options:
+        args.run_note += f"; decode options {args.decode_options}"
     if deferred_stop.enabled():
         args.run_note += f"; deferred stop checks ({deferred_stop.ENABLE_ENV}=1)"
     os.makedirs(args.out, exist_ok=True)
