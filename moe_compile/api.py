@@ -75,7 +75,10 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     else magnitude), "sparsegpt" or "magnitude" picks how 2:4 chooses and adjusts the kept weights.
     `fp8_attention=True` also quantizes the attention linears (`FP8Linear`, torch._scaled_mm), a gated step of its
     own within the fp8 threshold (`.quality["fp8_attention"]`). Off by default: on an H100 it made batch-1 decode of
-    the 48-layer Qwen3-30B-A3B shape slower (9.41 ms a step against 7.35 with the experts alone in FP8) for 0.9 GB."""
+    the 48-layer Qwen3-30B-A3B shape slower (9.41 ms a step against 7.35 with the experts alone in FP8) for 0.9 GB.
+    `sparse_linears=True` also prunes the dense linears to 2:4 through NVIDIA ModelOpt (`mts.sparsify`; the LM head
+    stays dense), a gated step within the sparsity_24 threshold (`.quality["sparsity_24_linears"]`); stored dense
+    with zeros, so it is for sparse deployments (TensorRT), not faster here."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     verify = overrides.pop("verify", True)
@@ -85,6 +88,7 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
     fp8_calibration = overrides.pop("fp8_calibration", "auto")  # FP8 weight scales: auto | modelopt | ... | max
     sparsity_method = overrides.pop("sparsity_method", "auto")  # 2:4: auto | sparsegpt | magnitude
     fp8_attention = overrides.pop("fp8_attention", False)  # fp8 also quantizes the attention linears (gated step)
+    sparse_linears = overrides.pop("sparse_linears", False)  # 2:4 also prunes the dense linears (ModelOpt, gated step)
     chosen = load_profile(profile).with_overrides(overrides)
     device = _model_device(model)
     plan = resolve_features(chosen, device)
@@ -100,7 +104,8 @@ def optimize(model: nn.Module, profile: Union[str, Any] = "balanced", **override
             result.notes.update(plan.notes)
             auto = {name for name in ("fp8", "sparsity_24") if chosen.features.get(name) == "auto"}
             swaps += apply_quality_gated(model, plan.enabled, result, calibration, thresholds,
-                                         fp8_calibration, auto, sparsity_method, fp8_attention)  # each has .undo()
+                                         fp8_calibration, auto, sparsity_method, fp8_attention,
+                                         sparse_linears)  # each has .undo()
         if expert_parallel is not None:
             from moe_compile.parallel import apply_expert_parallel
 

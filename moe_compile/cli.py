@@ -101,6 +101,9 @@ def _optimize_options(parser: argparse.ArgumentParser, output_option: bool = Tru
     quality.add_argument("--fp8-attention", action=argparse.BooleanOptionalAction, default=False,
                          help="with fp8, also quantize the attention linears (torch._scaled_mm; off by default: "
                               "slower at decode sizes on an H100)")
+    quality.add_argument("--sparse-linears", action=argparse.BooleanOptionalAction, default=False,
+                         help="with 2:4, also prune the dense linears (attention, dense MLPs) through NVIDIA ModelOpt "
+                              "(stored dense with zeros: no speedup here; for sparse deployments, e.g. TensorRT)")
     parallel = parser.add_argument_group("expert parallelism", "shard the experts over several GPUs (torchrun)")
     parallel.add_argument("--gpus", type=int, default=1, metavar="N",
                           help="run N processes, one per GPU, each holding 1/N of the experts (default 1; more than "
@@ -231,7 +234,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         return 0
     model = loaded.model.to(args.device)
     overrides.update(sparsity_method=args.sparsity_method, fp8_calibration=args.fp8_calibration,
-                     fp8_attention=args.fp8_attention)
+                     fp8_attention=args.fp8_attention, sparse_linears=args.sparse_linears)
     if args.calibration_text is not None:
         from moe_compile.calibration_text import calibration_ids
 

@@ -1,6 +1,7 @@
 """The perplexity table behind `moe-compile bench --quality`: the shipped quality model's held-out perplexity with
 its expert weights in bf16, FP8, 2:4 and FP8 + 2:4, 2:4 both by magnitude and by SparseGPT (calibrated on the
-training text), emulated numerics (see docs/quality.md)."""
+training text), and 2:4 of the whole model (SparseGPT experts, ModelOpt's 2:4 of the dense linears); emulated
+numerics (see docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ import torch
 from torch import nn
 
 VARIANTS = ("bf16", "fp8", "2:4", "fp8+2:4", "2:4 sparsegpt", "fp8+2:4 sparsegpt")
+# 2:4 of the whole model: the experts by SparseGPT and the dense linears by NVIDIA ModelOpt (where installed)
+MODELOPT_VARIANTS = ("2:4 sparsegpt + linears",)
+
+
+def variants() -> tuple[str, ...]:
+    """The rows `quality_table` measures here: the ModelOpt ones only where ModelOpt is installed."""
+    import importlib.util
+
+    return VARIANTS + (MODELOPT_VARIANTS if importlib.util.find_spec("modelopt") is not None else ())
 
 
 @dataclass
@@ -43,6 +53,7 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
     import moe_compile as mc
     from moe_compile.passes.quantize_fp8 import quantize_fp8
     from moe_compile.passes.sparsify_24 import sparsify_24
+    from moe_compile.passes.sparsify_linears_24 import sparsify_linears_24
     from moe_compile.quality import load_quality_model, perplexity
 
     model = mc.optimize(load_quality_model(dtype), "conservative", verify=False)
@@ -56,10 +67,11 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
         return sparsify_24(m, pruned)
 
     steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8],
-             "2:4 sparsegpt": [sparsegpt], "fp8+2:4 sparsegpt": [sparsegpt, quantize_fp8]}
+             "2:4 sparsegpt": [sparsegpt], "fp8+2:4 sparsegpt": [sparsegpt, quantize_fp8],
+             "2:4 sparsegpt + linears": [sparsegpt, sparsify_linears_24]}
     rows: list[QualityRow] = []
     base = None
-    for variant in VARIANTS:
+    for variant in variants():
         applied = [run(model) for run in steps[variant]]
         start = time.perf_counter()
         ppl = perplexity(model, max_bytes=max_bytes)

@@ -18,6 +18,11 @@ before any FP8 with the same threshold (`quality_thresholds["fp8_attention"]` ov
 stays within one perplexity budget, and where attention does not fit in it only that step is undone and the expert
 FP8 stays (a rejected attention step does not turn the `fp8` feature off). Where the FP8 kernels run, linears whose
 shapes `torch._scaled_mm` cannot run are left in high precision (skipped, with the reason).
+
+With `sparse_linears=True` 2:4 covers the dense linears too (`passes/sparsify_linears_24.py`, NVIDIA ModelOpt's
+magnitude 2:4; stored dense with zeros, so no speedup in our kernels): once the experts' 2:4 is accepted, a second
+step `quality["sparsity_24_linears"]`, measured against the model before any 2:4 with the sparsity_24 threshold,
+undone alone when it does not fit.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ def _sparsity_calibration(model: nn.Module, ids: Optional[torch.Tensor]) -> tupl
     return ids, "calibration_text"
 
 
-STEP_FEATURE = {"fp8_attention": "fp8"}  # gated steps that belong to another step's feature
+STEP_FEATURE = {"fp8_attention": "fp8", "sparsity_24_linears": "sparsity_24"}  # steps of another step's feature
 KERNEL_PROBE = 16  # a shape every FP8 kernel takes: asks only whether the device has them
 
 
@@ -107,6 +112,7 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
     from moe_compile.passes.quantize_fp8 import quantize_fp8
     from moe_compile.passes.quantize_linears_fp8 import quantize_linears_fp8
     from moe_compile.passes.sparsify_24 import sparsify_24
+    from moe_compile.passes.sparsify_linears_24 import sparsify_linears_24
 
     def fp8(model: nn.Module) -> ModulePassResult:
         scales, records["fp8"] = fp8_weight_scales(model, ids, fp8_calibration)  # reads the model, changes nothing
@@ -116,6 +122,10 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         pruned, records["sparsity_24"] = sparsity_pruned(model, ids, sparsity_method)
         return sparsify_24(model, pruned)
 
+    def sparsity_linears(model: nn.Module) -> ModulePassResult:
+        records["sparsity_24_linears"] = {"method": "modelopt sparse_magnitude"}
+        return sparsify_linears_24(model)
+
     def fp8_attention(model: nn.Module) -> ModulePassResult:
         from moe_compile.quant.fp8_linear import kernel_unsupported
 
@@ -124,8 +134,9 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         records["fp8_attention"] = {"method": "max"}  # per-output-channel amax / 448
         return quantize_linears_fp8(model, skip_unaligned=kernels)
 
-    # prune dense weights, then quantize kept values; then the attention linears
-    return [("sparsity_24", sparsity), ("fp8", fp8), ("fp8_attention", fp8_attention)]
+    # prune dense weights (experts, then the dense linears), then quantize kept values; then the attention linears
+    return [("sparsity_24", sparsity), ("sparsity_24_linears", sparsity_linears), ("fp8", fp8),
+            ("fp8_attention", fp8_attention)]
 
 
 def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor]:
@@ -151,11 +162,12 @@ def calibration_ids(model: nn.Module, calibration: Any) -> Optional[torch.Tensor
 def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any, calibration: Any = None,
                         thresholds: Optional[dict[str, float]] = None, fp8_calibration: str = "auto",
                         auto_features: Optional[set[str]] = None, sparsity_method: str = "auto",
-                        fp8_attention: bool = False) -> list[ModulePassResult]:
+                        fp8_attention: bool = False, sparse_linears: bool = False) -> list[ModulePassResult]:
     """Run the enabled weight passes under the gate; returns the applied passes (each has `.undo()`). On an error
     the passes applied so far are undone before it propagates. `auto_features`: the enabled ones that the profile
     set to `auto` (not forced), dropped when there is no calibration text to gate them on. `fp8_attention`: FP8
-    also quantizes the attention linears (see the module docstring)."""
+    also quantizes the attention linears; `sparse_linears`: 2:4 also prunes the dense linears through ModelOpt
+    (see the module docstring)."""
     if not any(enabled.get(name) for name in DEFAULT_THRESHOLDS):
         return []
     if not any(isinstance(m, FusedMoEBlock) for m in model.modules()):
@@ -173,8 +185,10 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
                                             f"calibration_text=... (or force it: {name}=True applies it ungated)")
     ran: list[tuple[str, ModulePassResult]] = []
     try:
+        opted = {step for step, on in (("fp8_attention", fp8_attention), ("sparsity_24_linears", sparse_linears))
+                 if on}
         _run_gated(model, enabled, result, ids, {**DEFAULT_THRESHOLDS, **(thresholds or {})}, fp8_calibration, ran,
-                   sparsity_method, fp8_attention)
+                   sparsity_method, opted)
     except BaseException:
         for _, outcome in reversed(ran):
             outcome.undo()  # a no-op for a step the gate already rolled back
@@ -184,25 +198,26 @@ def apply_quality_gated(model: nn.Module, enabled: dict[str, bool], result: Any,
 
 def _run_gated(model: nn.Module, enabled: dict[str, bool], result: Any, ids: Optional[torch.Tensor],
                limits: dict[str, float], fp8_calibration: str, ran: list[tuple[str, ModulePassResult]],
-               sparsity_method: str = "auto", fp8_attention: bool = False) -> None:
+               sparsity_method: str = "auto", opted: frozenset[str] = frozenset()) -> None:
     """The gate's loop; appends every pass it runs to `ran` at once (for the caller's undo on an error)."""
     from moe_compile.quality.eval import perplexity
 
     records: dict[str, dict] = {}
     wanted = [(name, run) for name, run in _passes(ids, fp8_calibration, records, sparsity_method)
-              if enabled.get(STEP_FEATURE.get(name, name)) and (fp8_attention or name != "fp8_attention")]
+              if enabled.get(STEP_FEATURE.get(name, name)) and (name not in STEP_FEATURE or name in opted)]
     base = None if ids is None else perplexity(model, text=ids)
-    before_fp8 = base
+    before: dict[str, Optional[float]] = {}  # feature -> perplexity before its first step
     for name, run in wanted:
-        if name == "fp8_attention":
-            if not result.quality.get("fp8", {}).get("applied"):
+        feature = STEP_FEATURE.get(name)
+        if feature is not None:
+            if not result.quality.get(feature, {}).get("applied"):
                 result.quality[name] = {"applied": False, "gated": False,
-                                        "reason": "expert FP8 was not applied, so attention stays in high precision"}
+                                        "reason": f"the experts' {feature} was not applied, so this step is not run"}
                 continue
-            base = before_fp8  # the FP8 feature as a whole stays within one budget
-            limits = {**limits, name: limits.get(name, limits["fp8"])}
-        elif name == "fp8":
-            before_fp8 = base
+            base = before[feature]  # a feature's steps stay within one budget together
+            limits = {**limits, name: limits.get(name, limits[feature])}
+        else:
+            before[name] = base
         outcome = run(model)
         ran.append((name, outcome))
         pass_name = outcome.name

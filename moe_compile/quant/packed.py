@@ -103,6 +103,11 @@ class ModulePassResult:
         self._undo.append(restore)
         self.count += 1
 
+    def add_undo(self, restore, count: int) -> None:
+        """A pass that rewrote `count` modules in one go: `restore()` puts them all back."""
+        self._undo.append(restore)
+        self.count += count
+
     def undo(self) -> None:
         for step in reversed(self._undo):
             step()
