@@ -57,6 +57,7 @@ def test_gate_measures_the_linears_step_against_the_model_before_any_24(quality_
     assert linears["ppl_base"] == experts["ppl_base"]  # one budget for the feature's two steps
     assert linears["ppl"] > experts["ppl"] and linears["threshold"] == 1.0
     assert model.moe_compile.pass_counts["sparsify_linears_24"] == linears["linears"]
+    assert "quality gate sparsity_24_linears" in str(model.moe_compile)
     attention = model.model.layers[0].self_attn.q_proj.weight
     assert is_24_sparse(attention)
 
