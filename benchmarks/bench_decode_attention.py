@@ -17,10 +17,9 @@ G = query heads per kv head, L = cache slots, D = head dim (Qwen3-30B-A3B: Hkv 4
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -138,10 +137,7 @@ def main() -> None:
             rows += bench_case(batch, slots, min(args.visible, slots), meta, bandwidth)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"decode_attention_{meta['card'].replace(' ', '_')}_{meta['date']}")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    utils.write_csv(rows, stem + ".csv")
     plot(rows, stem + ".png")
     print(f"wrote {stem}.csv and .png")
 

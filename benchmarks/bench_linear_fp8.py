@@ -94,16 +94,6 @@ def bytes_flops(tokens: int, k: int, n: int, fp8: bool) -> tuple[int, int]:
     return weight + 2 * tokens * k + 2 * tokens * n, 2 * tokens * n * k
 
 
-def fp8_matmul_rate() -> float:
-    """FP8 e4m3 8192^3 matmul through torch._scaled_mm (cuBLAS, fast accumulation) on random data, FLOP/s."""
-    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
-    one = torch.ones((), device="cuda")
-    us = utils.bench_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
-                        rep_ms=300)
-    return 2 * 8192**3 / (us * 1e-6)
-
-
 def candidates(x, weight, module):
     """(impl, callable, captured in a CUDA graph)."""
     from moe_compile.quant.fp8_linear import quantize_rows
@@ -261,7 +251,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         sys.exit("bench_linear_fp8 needs a CUDA GPU with FP8 tensor cores (sm_89+); --list prints the cases")
     meta = utils.run_meta()
-    bw, rate, fp8_rate = utils.copy_bandwidth(), utils.matmul_rate(), fp8_matmul_rate()
+    bw, rate, fp8_rate = utils.copy_bandwidth(), utils.matmul_rate(), utils.fp8_matmul_rate()
     print(f"{meta['card']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s, "
           f"fp8 matmul {fp8_rate / 1e12:.0f} TFLOP/s", flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -284,16 +284,6 @@ def format_summary(rows):
               f"{ratio(both, fp8)}")
 
 
-def fp8_matmul_rate() -> float:
-    """FP8 e4m3 8192^3 matmul through torch._scaled_mm (cuBLAS, fast accumulation) on random data, FLOP/s."""
-    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
-    one = torch.ones((), device="cuda")
-    us = utils.bench_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True),
-                        rep_ms=300)
-    return 2 * 8192**3 / (us * 1e-6)
-
-
 def plot(rows, path):
     plt = utils.pyplot()
     if plt is None:
@@ -338,7 +328,7 @@ def main(argv=None):
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     meta = utils.run_meta()
     bw, rate = utils.copy_bandwidth(), utils.matmul_rate()
-    fp8_rate = fp8_matmul_rate() if any("fp8" in f for f in formats) else None
+    fp8_rate = utils.fp8_matmul_rate() if any("fp8" in f for f in formats) else None
     print(f"{meta['card']}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s"
           + (f", fp8 matmul {fp8_rate / 1e12:.0f} TFLOP/s" if fp8_rate else ""), flush=True)
     os.makedirs(args.out, exist_ok=True)

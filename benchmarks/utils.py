@@ -83,6 +83,15 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / (us * 1e-6)
 
 
+def fp8_matmul_rate() -> float:
+    """FP8 e4m3 8192^3 matmul through torch._scaled_mm (cuBLAS, fast accumulation) on random data, FLOP/s."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    us = bench_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True), rep_ms=300)
+    return 2 * 8192**3 / (us * 1e-6)
+
+
 def layer_bytes_flops(tokens: int, active: int, shape) -> tuple[int, int]:
     weights = active * shape.expert_bytes() + shape.experts * shape.hidden * 2
     activations = 2 * tokens * shape.hidden * 2
