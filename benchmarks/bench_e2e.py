@@ -334,10 +334,10 @@ def plot(rows: list[E2ERow], path: str) -> None:
     impls = list(dict.fromkeys(r.impl for r in rows))
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        sub = {r.impl: r for r in rows if r.batch == b}
-        values = [sub[i].decode_step_ms or 0.0 for i in impls]
+        sub = {r.impl: r for r in rows if r.batch == b}  # an impl may be missing at a batch (a partial run)
+        values = [(sub[i].decode_step_ms if i in sub else None) or 0.0 for i in impls]
         ax.bar(range(len(impls)), values)
-        ax.axhline(sub[impls[0]].floor_step_ms, color="k", linestyle="--", label="bytes floor")
+        ax.axhline(next(iter(sub.values())).floor_step_ms, color="k", linestyle="--", label="bytes floor")
         ax.set_xticks(range(len(impls)), [i.replace("_", "\n") for i in impls], fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"batch {b}: decode step (ms)")
