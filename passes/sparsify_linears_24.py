@@ -25,28 +25,20 @@ import torch
 from torch import nn
 
 from moe_compile.counters import counters
-from moe_compile.errors import MissingDependencyError
 from moe_compile.quant.packed import ModulePassResult
 from moe_compile.quant.sparse24 import is_24_sparse
 
 log = logging.getLogger("moe_compile")
 
 NAME = "sparsify_linears_24"
-INSTALL_HINT = "pip install 'moe-compile[modelopt]'"
 MODELOPT_STATE_ATTRIBUTES = ("_modelopt_state", "_modelopt_state_version")  # what mts.sparsify attaches
 
 
 def import_mts() -> Any:
     """`modelopt.torch.sparsity`, or `MissingDependencyError` naming the extra."""
-    from moe_compile.quant.modelopt_calib import import_mtq
+    from moe_compile.quant.modelopt_calib import import_modelopt
 
-    import_mtq()  # the same import, its warnings silenced
-    try:
-        import modelopt.torch.sparsity as mts
-    except ImportError as exc:
-        raise MissingDependencyError(f"2:4 sparsity of the dense linears needs nvidia-modelopt: {INSTALL_HINT} "
-                                     f"({exc})") from exc
-    return mts
+    return import_modelopt("sparsity", "2:4 sparsity of the dense linears")
 
 
 def dense_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:

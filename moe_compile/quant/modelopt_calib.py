@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import warnings
@@ -63,20 +64,24 @@ DEFAULT_ALGORITHM = "max"
 _VERSION_WARNING = r"transformers \S+ is not tested with current version of modelopt"
 
 
-def import_mtq() -> Any:
-    """`modelopt.torch.quantization`, or `MissingDependencyError` naming the extra. ModelOpt warns at import when
-    the installed transformers is outside the range it tests (4.57-5.15); that warning is silenced here (our
-    use does not go through its transformers plugins: `EagerExperts` is our own module), and so are the
-    `torch.jit.script` deprecation warnings its import triggers, during this import only."""
+def import_modelopt(module: str, purpose: str) -> Any:
+    """`modelopt.torch.<module>`, or `MissingDependencyError` saying what needs it (`purpose`) and naming the extra.
+    ModelOpt warns at import when the installed transformers is outside the range it tests (4.57-5.15); that
+    warning is silenced here (our use does not go through its transformers plugins: `EagerExperts` is our own
+    module, the sparsity pass takes plain `nn.Linear`s), and so are the `torch.jit.script` deprecation warnings its
+    import triggers, during this import only."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VERSION_WARNING, category=UserWarning)
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
-            import modelopt.torch.quantization as mtq
+            return importlib.import_module(f"modelopt.torch.{module}")
     except ImportError as exc:
-        raise MissingDependencyError(f"FP8 calibration with ModelOpt needs nvidia-modelopt: {INSTALL_HINT} "
-                                     f"({exc})") from exc
-    return mtq
+        raise MissingDependencyError(f"{purpose} needs nvidia-modelopt: {INSTALL_HINT} ({exc})") from exc
+
+
+def import_mtq() -> Any:
+    """`modelopt.torch.quantization` (see `import_modelopt`)."""
+    return import_modelopt("quantization", "FP8 calibration with ModelOpt")
 
 
 def modelopt_version() -> Optional[str]:

@@ -182,12 +182,18 @@ def test_without_modelopt_auto_falls_back_with_a_clear_log_line_and_forced_model
             mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", fp8=True, fp8_calibration="modelopt")
         except MissingDependencyError as exc:
             print("ERROR", exc)
+        try:
+            mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", sparsity_24=True, sparse_linears=True)
+        except MissingDependencyError as exc:
+            print("ERROR", exc)
     """)
     assert done.returncode == 0, done.stderr
     assert "pip install 'moe-compile[modelopt]'" in done.stderr  # the warning log line
     assert "built-in max calibration" in done.stderr
     assert "RECORD {'method': 'max'" in done.stdout
     assert "ERROR FP8 calibration with ModelOpt needs nvidia-modelopt: pip install 'moe-compile[modelopt]'" \
+        in done.stdout
+    assert "ERROR 2:4 sparsity of the dense linears needs nvidia-modelopt: pip install 'moe-compile[modelopt]'" \
         in done.stdout
 
 
