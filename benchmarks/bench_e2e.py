@@ -34,6 +34,7 @@ import utils  # noqa: E402
 
 import moe_compile as mc  # noqa: E402
 from moe_compile.emit import deferred_stop  # noqa: E402
+from moe_compile.speed import StepClock, measure_generate, timed_generate  # noqa: E402  (the clock: see speed.py)
 
 QWEN3_30B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
                  num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
@@ -101,60 +102,6 @@ def step_floor_ms(config, non_expert: int, batch: int, context: int, bandwidth: 
     kv = batch * context * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
     nbytes = non_expert + c.num_hidden_layers * active * expert_bytes(c) + kv
     return 1e3 * nbytes / bandwidth
-
-
-class StepClock:
-    """A transformers StoppingCriteria that never stops: it stamps the host clock each time generate checks it, i.e.
-    once per generated token, after waiting for the GPU: each stamp follows that step's GPU work, so the first one
-    ends the prefill and the gaps are per-step wall times. (generate reads its "all rows finished" flag on the host
-    only after the criteria run: without the wait the first stamp came before the prefill's GPU work was done.)
-    `on_step` (optional) runs at each stamp (the profiler's `step()` for a steady-state trace)."""
-
-    def __init__(self, on_step=None):
-        self.stamps: list[float] = []
-        self.on_step = on_step
-
-    def __call__(self, input_ids, scores, **kwargs):
-        torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-        if self.on_step is not None:
-            self.on_step()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    def gaps_ms(self) -> list[float]:
-        """Wall time of each decode step (the first stamp follows the prefill)."""
-        return [1e3 * (b - a) for a, b in zip(self.stamps, self.stamps[1:])]
-
-
-def timed_generate(model, ids, new_tokens: int, clock: Optional[StepClock] = None,
-                   **kwargs) -> tuple[float, torch.Tensor]:
-    from transformers import StoppingCriteriaList
-
-    criteria = StoppingCriteriaList([clock]) if clock is not None else None
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, stopping_criteria=criteria, **kwargs)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
-def measure(model, ids, steps: int, **kwargs) -> dict:
-    """Warm-up call (compiles and captures whatever it will), then one timed call of steps + 1 tokens: its first
-    stamp gives the prefill (+ first token), its step gaps the decode latency. decode_step_ms is the median gap
-    (steady state); decode_mean_ms the mean, which also carries any re-compile or re-record inside the call."""
-    torch.cuda.reset_peak_memory_stats()
-    warm, _ = timed_generate(model, ids, steps + 1, **kwargs)
-    print(f"  warm-up call {warm:.1f} s", flush=True)
-    clock = StepClock()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    _, out = timed_generate(model, ids, steps + 1, clock=clock, **kwargs)
-    gaps = sorted(clock.gaps_ms())
-    step_ms = gaps[len(gaps) // 2]
-    return dict(prefill_ms=1e3 * (clock.stamps[0] - start), decode_step_ms=step_ms,
-                decode_mean_ms=sum(gaps) / len(gaps), decode_tok_s=1e3 * ids.shape[0] / step_ms, warmup_s=warm,
-                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, tokens=out)
 
 
 def run(args) -> list[E2ERow]:
@@ -277,7 +224,7 @@ def trace_decode(model, args, batch: int) -> None:
     active = 4
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  schedule=schedule(wait=4, warmup=1, active=active, repeat=1)) as prof:
-        clock = StepClock(on_step=prof.step)
+        clock = StepClock(ids.device, on_step=prof.step)
         timed_generate(model, ids, 12, clock=clock)
     events = prof.key_averages()
     kernels_only = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA  # not host ranges, nor
@@ -306,7 +253,8 @@ def _row(meta, model, batch, args, name, steps, bandwidth, reference_tokens, kwa
                         generator=torch.Generator("cuda").manual_seed(batch))
     floor = step_floor_ms(model.config, args.non_expert_bytes, batch, args.prompt + steps, bandwidth)
     try:
-        m = measure(model, ids, steps, **kwargs)
+        print(f"{name:28s} batch {batch:3d}: warm-up call, then the timed one...", flush=True)
+        m = measure_generate(model, ids, steps, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         return E2ERow(**meta, layers=args.layers, batch=batch, prompt=args.prompt, impl=name, prefill_ms=None,

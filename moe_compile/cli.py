@@ -151,12 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allow the config's own Python code (transformers trust_remote_code)")
     load.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     load.set_defaults(func=cmd_load)
-    bench = commands.add_parser("bench", help="benchmarks; --quality: perplexity of bf16 / FP8 / 2:4 / FP8+2:4",
-                                description="Perplexity of the shipped quality model (a byte-level Qwen3-MoE "
-                                "trained on the Python stdlib) on its held-out text, with expert weights in bf16, "
-                                "FP8, 2:4 and FP8+2:4. FP8 and 2:4 run emulated here: quality, not speed.")
-    bench.add_argument("--quality", action="store_true", help="the perplexity table (the only bench in this version)")
-    bench.add_argument("--max-bytes", type=int, default=16384, help="held-out bytes to evaluate (default 16384)")
+    bench = commands.add_parser("bench", help="--speed MODEL: decode speed before / after optimize; --quality: "
+                                "perplexity of bf16 / FP8 / 2:4",
+                                description="--speed MODEL: greedy generate of MODEL (a built-in tiny model, a "
+                                "local checkpoint or config.json) timed per decode step at each batch, before and "
+                                "after optimize with --profile, the tokens compared. --quality: perplexity of the "
+                                "shipped quality model (a byte-level Qwen3-MoE trained on the Python stdlib) on its "
+                                "held-out text, with expert weights in bf16, FP8, 2:4 and FP8+2:4 (emulated here: "
+                                "quality, not speed).")
+    bench.add_argument("--speed", metavar="MODEL", help="time generate on MODEL before and after optimize")
+    bench.add_argument("--quality", action="store_true", help="the perplexity table of the quality model")
+    speed = bench.add_argument_group("--speed")
+    speed.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    speed.add_argument("--prompt", type=int, default=64, help="prompt tokens per row (default 64)")
+    speed.add_argument("--steps", type=int, default=16, help="timed decode steps (default 16)")
+    speed.add_argument("--profile", default="balanced", help="the profile to optimize with (default balanced)")
+    speed.add_argument("--device", type=_device, default="auto", help="cpu, cuda or cuda:N (default: cuda if any)")
+    speed.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="dtype to load and run in (auto: the checkpoint's; float32 for tiny models)")
+    speed.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model directory's own Python code (transformers trust_remote_code)")
+    speed.add_argument("--seed", type=int, default=0, help="seed for random weights and prompts")
+    bench.add_argument("--max-bytes", type=int, default=16384, help="--quality: held-out bytes (default 16384)")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON to FILE")
     bench.set_defaults(func=cmd_bench)
     commands.add_parser("list-models", help="the built-in tiny models").set_defaults(func=cmd_list_models)
@@ -302,8 +318,16 @@ def _check_output(output: Path, force: bool, model_path: Path, label: str = "--o
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    if not args.quality:
-        raise MoECompileError("bench: choose a benchmark: --quality (kernel benchmarks live in benchmarks/)")
+    if bool(args.quality) == bool(args.speed):
+        raise MoECompileError("bench: choose one benchmark: --speed MODEL or --quality (kernel benchmarks live in "
+                              "benchmarks/)")
+    rows = _bench_speed(args, console) if args.speed else _bench_quality(args, console)
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace, console: Console) -> list:
     from moe_compile.quality.bench import quality_table
 
     rows = quality_table(max_bytes=args.max_bytes)
@@ -316,9 +340,41 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print("FP8 and 2:4 run emulated (dequantize / decompress, then a bf16 matmul): these are quality numbers, "
                   "not speedups.")
-    if args.json is not None:
-        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
-    return 0
+    return rows
+
+
+def _bench_speed(args: argparse.Namespace, console: Console) -> list:
+    from moe_compile.speed import speed_table
+
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError as exc:
+        raise MoECompileError(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 1,8") from exc
+    if min(batches) < 1 or args.prompt < 1 or args.steps < 2:
+        raise MoECompileError("bench --speed needs batches and --prompt of at least 1 and --steps of at least 2")
+    args.model = args.speed
+    model = _load(args, console).model.to(args.device)
+    with console.status("timing generate before and after optimize", spinner="dots") if console.is_terminal \
+            else nullcontext():
+        rows, result = speed_table(model.eval(), batches, args.prompt, args.steps, args.profile, seed=args.seed)
+    table = Table(title=f"{args.speed}: greedy generate, prompt {args.prompt}, {args.steps} timed steps, "
+                        f"{args.device}")
+    for column in ("batch", "model", "decode step", "tokens/s", "speedup", "prefill", "first call", "peak memory",
+                   "same tokens"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(str(r.batch), r.model, f"{r.decode_step_ms:.2f} ms", f"{r.decode_tok_s:.1f}",
+                      "" if r.speedup is None else f"{r.speedup:.2f}x", f"{r.prefill_ms:.1f} ms", f"{r.warmup_s:.1f} s",
+                      "" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.1f} GiB",
+                      "" if r.tokens_match is None else f"{r.tokens_match:.0%}")
+    console.print(table)
+    applied = sorted(name for name, on in result.features.items() if on)
+    console.print(f"optimize applied: {', '.join(applied) or 'nothing'}; decode step = median gap between tokens of "
+                  "one call, after a warm-up call (first call: compile and capture included)")
+    if args.device.type == "cpu":
+        console.print("on the CPU the fused op runs its torch reference (no GPU kernels, no CUDA graphs): expect no "
+                      "speedup here; run on a CUDA GPU for the real numbers")
+    return rows
 
 
 def cmd_list_models(args: argparse.Namespace, console: Console) -> int:

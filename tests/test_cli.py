@@ -360,3 +360,28 @@ def test_calibration_text_needs_a_tokenizer_and_enough_tokens(saved_model, tmp_p
     assert "gives 3 tokens" in error_line(capsys)
     assert main(["optimize", str(model_dir), "--device", "cpu", "--calibration-text", str(tmp_path / "none")]) == 1
     assert "no such file" in error_line(capsys)
+
+
+def test_bench_speed_times_generate_before_and_after_optimize(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert cli.main(["bench", "--speed", "tiny-qwen3-moe", "--batches", "1,3", "--prompt", "8", "--steps", "4",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "decode step" in text and "moe_compile balanced" in text and "reference" in text  # the CPU caveat
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["model"]) for r in rows] == [(1, "original"), (3, "original"), (1, "moe_compile balanced"),
+                                                        (3, "moe_compile balanced")]
+    for row in rows:
+        assert row["decode_step_ms"] > 0 and row["prefill_ms"] > 0 and row["decode_tok_s"] > 0
+    for row in rows[2:]:  # fp32 tiny model: the fused op gives the original's greedy tokens
+        assert row["tokens_match"] == 1.0 and row["speedup"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--speed", "tiny-qwen3-moe", "--quality"], "choose one benchmark"),
+    (["bench", "--speed", "tiny-qwen3-moe", "--batches", "1,x"], "expected comma-separated integers"),
+    (["bench", "--speed", "tiny-qwen3-moe", "--steps", "1"], "at least 2"),
+])
+def test_bench_speed_refuses_bad_arguments(argv, message, capsys):
+    assert cli.main(argv) == 1
+    assert message in capsys.readouterr().err
