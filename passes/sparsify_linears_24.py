@@ -1,7 +1,9 @@
 """sparsify_linears_24: 2:4 magnitude pruning of the dense linears through NVIDIA ModelOpt (module-level pass).
 
-ModelOpt's `mts.sparsify(mode="sparse_magnitude")` prunes `nn.Linear` weights to 2:4 along the input dim (its
-`m4n2_1d` pattern) and leaves fused 3-D expert weights dense, which `sparsify_24` prunes itself; this pass gives it
+ModelOpt's `mts.sparsify` prunes `nn.Linear` weights to 2:4 along the input dim (its `m4n2_1d` pattern): by
+magnitude (`sparse_magnitude`), or, given calibration token ids, by SparseGPT (`sparsegpt`: each linear's Hessian
+from its inputs over those tokens picks the weights to drop and adjusts the rest), and leaves fused 3-D expert
+weights dense, which `sparsify_24` prunes itself; this pass gives it
 the rest: every exact `nn.Linear` of the model (attention projections, dense MLPs of dense layers, shared experts)
 except the LM head (the output embeddings, and any linear named `lm_head`, as ModelOpt's own default rule does)
 and tied weights. `mts.export` then drops ModelOpt's masks: the linears are plain `nn.Linear` again, their
@@ -19,7 +21,7 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ log = logging.getLogger("moe_compile")
 
 NAME = "sparsify_linears_24"
 MODELOPT_STATE_ATTRIBUTES = ("_modelopt_state", "_modelopt_state_version")  # what mts.sparsify attaches
+CALIBRATION_CHUNK = 256  # tokens per forward of SparseGPT's calibration loop
 
 
 def import_mts() -> Any:
@@ -64,8 +67,9 @@ def dense_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str
     return found, skipped
 
 
-def sparsify_linears_24(model: nn.Module) -> ModulePassResult:
-    """Prune the dense linears of `model` to 2:4 with ModelOpt (see the module docstring)."""
+def sparsify_linears_24(model: nn.Module, calibration: Optional[torch.Tensor] = None) -> ModulePassResult:
+    """Prune the dense linears of `model` to 2:4 with ModelOpt (see the module docstring): by magnitude, or by
+    SparseGPT over `calibration` (token ids [N])."""
     mts = import_mts()
     result = ModulePassResult(NAME)
     linears, result.skipped = dense_linears(model)
@@ -77,7 +81,10 @@ def sparsify_linears_24(model: nn.Module) -> ModulePassResult:
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # a line per linear; the
             warnings.filterwarnings("ignore", message="Skipping sparsifying")  # shapes it skips: in result.skipped
-            mts.sparsify(model, mode=[("sparse_magnitude", rules)])
+            if calibration is None:
+                mts.sparsify(model, mode=[("sparse_magnitude", rules)])
+            else:
+                mts.sparsify(model, mode=[("sparsegpt", rules)], config=_sparsegpt_config(model, calibration))
             mts.export(model)
     except BaseException:
         _restore(model, saved, list(linears), attached)
@@ -91,6 +98,20 @@ def sparsify_linears_24(model: nn.Module) -> ModulePassResult:
     log.info("moe_compile: %d dense linears pruned to 2:4 by ModelOpt (%d left dense)", result.count,
              len(result.skipped))
     return result
+
+
+def _sparsegpt_config(model: nn.Module, calibration: torch.Tensor) -> dict[str, Any]:
+    """ModelOpt's SparseGPT search config: its forward loop feeds the calibration ids in chunks (inference only);
+    the Hessians live on the model's device."""
+    device = next(model.parameters()).device
+    ids = calibration.reshape(-1).to(device)
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for chunk in ids.split(CALIBRATION_CHUNK):
+                m(chunk[None])
+
+    return {"forward_loop": forward_loop, "device": str(device)}
 
 
 def _is_24(weight: torch.Tensor) -> bool:

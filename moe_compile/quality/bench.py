@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 VARIANTS = ("bf16", "fp8", "2:4", "fp8+2:4", "2:4 sparsegpt", "fp8+2:4 sparsegpt")
-# 2:4 of the whole model: the experts by SparseGPT and the dense linears by NVIDIA ModelOpt (where installed)
+# 2:4 of the whole model: the experts by our SparseGPT, the dense linears by NVIDIA ModelOpt's (where installed),
+# both calibrated on the training text
 MODELOPT_VARIANTS = ("2:4 sparsegpt + linears",)
 
 
@@ -66,9 +67,16 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
             pruned.update(sparsity_pruned(m, None, "sparsegpt")[0])
         return sparsify_24(m, pruned)
 
+    def sparsegpt_linears(m: nn.Module):
+        from moe_compile.quality.corpus import train_bytes
+        from moe_compile.quality.eval import encode
+        from moe_compile.quant.gate import SPARSEGPT_CALIBRATION_BYTES
+
+        return sparsify_linears_24(m, encode(train_bytes()[:SPARSEGPT_CALIBRATION_BYTES]))
+
     steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8],
              "2:4 sparsegpt": [sparsegpt], "fp8+2:4 sparsegpt": [sparsegpt, quantize_fp8],
-             "2:4 sparsegpt + linears": [sparsegpt, sparsify_linears_24]}
+             "2:4 sparsegpt + linears": [sparsegpt, sparsegpt_linears]}
     rows: list[QualityRow] = []
     base = None
     for variant in variants():

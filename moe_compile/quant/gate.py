@@ -20,7 +20,8 @@ FP8 stays (a rejected attention step does not turn the `fp8` feature off). Where
 shapes `torch._scaled_mm` cannot run are left in high precision (skipped, with the reason).
 
 With `sparse_linears=True` 2:4 covers the dense linears too (`passes/sparsify_linears_24.py`, NVIDIA ModelOpt's
-magnitude 2:4; stored dense with zeros, so no speedup in our kernels): once the experts' 2:4 is accepted, a second
+2:4, by SparseGPT on the same calibration tokens where the experts' 2:4 used SparseGPT, else by magnitude; stored
+dense with zeros, so no speedup in our kernels): once the experts' 2:4 is accepted, a second
 step `quality["sparsity_24_linears"]`, measured against the model before any 2:4 with the sparsity_24 threshold,
 undone alone when it does not fit.
 """
@@ -123,8 +124,14 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         return sparsify_24(model, pruned)
 
     def sparsity_linears(model: nn.Module) -> ModulePassResult:
-        records["sparsity_24_linears"] = {"method": "modelopt sparse_magnitude"}
-        return sparsify_linears_24(model)
+        # the experts' method: SparseGPT on the same calibration tokens, else magnitude
+        calibration = None
+        if records.get("sparsity_24", {}).get("method") == "sparsegpt":
+            calibration, source = _sparsity_calibration(model, ids)
+            records["sparsity_24_linears"] = {"method": "modelopt sparsegpt", "calibration": source}
+        else:
+            records["sparsity_24_linears"] = {"method": "modelopt sparse_magnitude"}
+        return sparsify_linears_24(model, calibration)
 
     def fp8_attention(model: nn.Module) -> ModulePassResult:
         from moe_compile.quant.fp8_linear import kernel_unsupported

@@ -41,6 +41,19 @@ def test_prunes_dense_linears_only_and_undoes_exactly(name):
     assert not any(a in model.__dict__ for a in MODELOPT_STATE_ATTRIBUTES)
 
 
+def test_sparsegpt_from_calibration_tokens_differs_from_magnitude():
+    """Given token ids, ModelOpt's SparseGPT picks (and adjusts) the kept weights from the linears' inputs."""
+    from moe_compile.passes.sparsify_linears_24 import sparsify_linears_24
+
+    magnitude = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative")
+    calibrated = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative")
+    sparsify_linears_24(magnitude)
+    result = sparsify_linears_24(calibrated, torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0)))
+    assert result.count > 0
+    weight, reference = (m.model.layers[0].self_attn.q_proj.weight for m in (calibrated, magnitude))
+    assert is_24_sparse(weight) and not torch.equal(weight, reference)
+
+
 @pytest.fixture(scope="module")
 def quality_model():
     from moe_compile.quality import load_quality_model
@@ -56,6 +69,8 @@ def test_gate_measures_the_linears_step_against_the_model_before_any_24(quality_
     assert experts["applied"] and linears["applied"] and linears["gated"] and linears["linears"] > 0
     assert linears["ppl_base"] == experts["ppl_base"]  # one budget for the feature's two steps
     assert linears["ppl"] > experts["ppl"] and linears["threshold"] == 1.0
+    assert experts["calibration"]["method"] == "sparsegpt"  # auto: the quality model calibrates on training text
+    assert linears["calibration"] == {"method": "modelopt sparsegpt", "calibration": "training text"}
     assert model.moe_compile.pass_counts["sparsify_linears_24"] == linears["linears"]
     assert "quality gate sparsity_24_linears" in str(model.moe_compile)
     attention = model.model.layers[0].self_attn.q_proj.weight
