@@ -359,11 +359,12 @@ def _bench_speed(args: argparse.Namespace, console: Console) -> list:
         rows, result = speed_table(model.eval(), batches, args.prompt, args.steps, args.profile, seed=args.seed)
     table = Table(title=f"{args.speed}: greedy generate, prompt {args.prompt}, {args.steps} timed steps, "
                         f"{args.device}")
-    for column in ("batch", "model", "decode step", "tokens/s", "speedup", "prefill", "first call", "peak memory",
-                   "same tokens"):
+    for column in ("batch", "model", "decode step", "vs floor", "tokens/s", "speedup", "prefill", "first call",
+                   "peak memory", "same tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
-        table.add_row(str(r.batch), r.model, f"{r.decode_step_ms:.2f} ms", f"{r.decode_tok_s:.1f}",
+        floor = "" if r.floor_ms is None else f"{r.decode_step_ms / r.floor_ms:.2f}x of {r.floor_ms:.2f} ms"
+        table.add_row(str(r.batch), r.model, f"{r.decode_step_ms:.2f} ms", floor, f"{r.decode_tok_s:.1f}",
                       "" if r.speedup is None else f"{r.speedup:.2f}x", f"{r.prefill_ms:.1f} ms", f"{r.warmup_s:.1f} s",
                       "" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.1f} GiB",
                       "" if r.tokens_match is None else f"{r.tokens_match:.0%}")
@@ -371,7 +372,10 @@ def _bench_speed(args: argparse.Namespace, console: Console) -> list:
     applied = sorted(name for name, on in result.features.items() if on)
     console.print(f"optimize applied: {', '.join(applied) or 'nothing'}; decode step = median gap between tokens of "
                   "one call, after a warm-up call (first call: compile and capture included)")
-    if args.device.type == "cpu":
+    if args.device.type == "cuda":
+        console.print("floor: the bytes a step reads (weights, activated experts, KV cache in use) over this GPU's "
+                      "copy bandwidth, measured in this run")
+    else:
         console.print("on the CPU the fused op runs its torch reference (no GPU kernels, no CUDA graphs): expect no "
                       "speedup here; run on a CUDA GPU for the real numbers")
     return rows

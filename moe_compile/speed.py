@@ -6,6 +6,11 @@ it, i.e. once per generated token, after waiting for the device, so each stamp f
 first stamp ends the prefill (+ first token) and the gaps are per-step wall times. `measure_generate` runs a
 warm-up call (it compiles and captures whatever it will), then one timed call: the decode step is the median gap
 (steady state), the mean keeps any re-compile inside the call.
+
+The floor of a decode step (`step_floor`) is the bytes it must read over the device's copy bandwidth, measured here:
+every weight but the expert weights and the input embedding table (of which only `batch` rows are read), the
+experts a batch activates (per fused block, E (1 - (1 - K/E)^batch) distinct experts under uniform routing), and
+the KV cache in use (bytes per token and sequence measured from a short forward's cache). Weights at their dtype.
 """
 
 from __future__ import annotations
@@ -76,6 +81,70 @@ def measure_generate(model: nn.Module, ids: torch.Tensor, steps: int, **kwargs: 
                 peak_mem_gb=torch.cuda.max_memory_allocated(ids.device) / 2**30 if cuda else None, tokens=out)
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29) -> float:
+    """Device-to-device copy of `nbytes`, bytes read + written per second (the median of 10 copies)."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+@dataclass
+class StepBytes:
+    """What one decode step reads, by part (see the module doc)."""
+    weights: int  # every weight but the experts and the input embeddings
+    experts: float  # the expected activated experts' weights
+    kv_per_token: int  # KV cache bytes per token of one sequence
+
+    def total(self, batch: int, context: int) -> float:
+        return self.weights + self.experts + self.kv_per_token * batch * context
+
+
+def step_bytes(model: nn.Module, batch: int, kv_per_token: int) -> StepBytes:
+    """The weight part of a decode step's bytes for an optimized model (its experts in fused blocks)."""
+    from moe_compile.fused_block import FusedMoEBlock
+
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in unique.values())
+    expert_total, active_total = 0, 0.0
+    for block in model.modules():
+        if isinstance(block, FusedMoEBlock):
+            tensors = [block.w13, block.w2] if block.packed is None else list(block.packed.buffers())
+            nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            expert_total += sum(t.numel() * t.element_size() for t in (block.w13, block.w2) if t is not None)
+            experts, top_k = block.spec.num_experts, block.spec.top_k
+            active_total += nbytes * (1 - (1 - top_k / experts) ** batch)  # per expert bytes x expected experts
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    table = 0
+    if embeddings is not None and (output is None or output.weight is not embeddings.weight):
+        table = embeddings.weight.numel() * embeddings.weight.element_size()
+    return StepBytes(weights=total - expert_total - table, experts=active_total, kv_per_token=kv_per_token)
+
+
+def kv_bytes_per_token(model: nn.Module, tokens: int = 8) -> int:
+    """KV cache bytes per token of one sequence: from the cache a forward of `tokens` ids leaves."""
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    seen: dict[int, torch.Tensor] = {}
+    tensors = [getattr(layer, name, None) for layer in getattr(cache, "layers", []) for name in ("keys", "values")]
+    tensors += list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))  # transformers 4
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            seen[id(tensor)] = tensor
+    return sum(t.numel() * t.element_size() for t in seen.values()) // tokens
+
+
 @dataclass
 class SpeedRow:
     batch: int
@@ -85,8 +154,9 @@ class SpeedRow:
     decode_tok_s: float
     warmup_s: float
     peak_mem_gb: Optional[float]
-    speedup: Optional[float]  # the original's decode step over this row's (optimized rows)
-    tokens_match: Optional[float]  # fraction of greedy tokens equal to the original's (optimized rows)
+    speedup: Optional[float] = None  # the original's decode step over this row's (optimized rows)
+    tokens_match: Optional[float] = None  # fraction of greedy tokens equal to the original's (optimized rows)
+    floor_ms: Optional[float] = None  # the step's bytes over the measured copy bandwidth (CUDA only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,18 +173,28 @@ def speed_table(model: nn.Module, batches: Sequence[int], prompt: int, steps: in
     generator = torch.Generator(device=device).manual_seed(seed)
     prompts = {b: torch.randint(0, vocab, (b, prompt), device=device, generator=generator) for b in batches}
     original = {b: measure_generate(model, ids, steps) for b, ids in prompts.items()}
+    kv_per_token = kv_bytes_per_token(model)
     mc.optimize(model, profile, **overrides)
-    rows = [_row(b, "original", m) for b, m in original.items()]
+    floors = _floors(model, batches, prompt + steps, kv_per_token)
+    rows = [_row(b, "original", m, floor_ms=floors.get(b)) for b, m in original.items()]
     for b, ids in prompts.items():
         m = measure_generate(model, ids, steps)
         reference, tokens = original[b]["tokens"][:, prompt:], m["tokens"][:, prompt:]
-        rows.append(_row(b, f"moe_compile {model.moe_compile.profile}", m,
+        rows.append(_row(b, f"moe_compile {model.moe_compile.profile}", m, floor_ms=floors.get(b),
                          speedup=original[b]["decode_step_ms"] / m["decode_step_ms"],
                          tokens_match=(tokens == reference).float().mean().item()))
     return rows, model.moe_compile
 
 
+def _floors(model: nn.Module, batches: Sequence[int], context: int, kv_per_token: int) -> dict[int, float]:
+    """batch -> decode-step floor in ms at `context` tokens (CUDA; empty elsewhere: no device bandwidth to use)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return {}
+    bandwidth = copy_bandwidth(device)
+    return {b: 1e3 * step_bytes(model, b, kv_per_token).total(b, context) / bandwidth for b in batches}
+
+
 def _row(batch: int, name: str, m: dict[str, Any], **extra: Any) -> SpeedRow:
     values = {key: m[key] for key in ("prefill_ms", "decode_step_ms", "decode_tok_s", "warmup_s", "peak_mem_gb")}
-    return SpeedRow(batch=batch, model=name, **values, speedup=extra.get("speedup"),
-                    tokens_match=extra.get("tokens_match"))
+    return SpeedRow(batch=batch, model=name, **values, **extra)
