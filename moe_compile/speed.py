@@ -109,7 +109,7 @@ class StepBytes:
 
 
 def step_bytes(model: nn.Module, batch: int, kv_per_token: int) -> StepBytes:
-    """The weight part of a decode step's bytes for an optimized model (its experts in fused blocks)."""
+    """What a decode step of `batch` sequences reads, by part, for an optimized model (experts in fused blocks)."""
     from moe_compile.fused_block import FusedMoEBlock
 
     unique = {id(p): p for p in model.parameters()}
@@ -121,7 +121,7 @@ def step_bytes(model: nn.Module, batch: int, kv_per_token: int) -> StepBytes:
             nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
             expert_total += sum(t.numel() * t.element_size() for t in (block.w13, block.w2) if t is not None)
             experts, top_k = block.spec.num_experts, block.spec.top_k
-            active_total += nbytes * (1 - (1 - top_k / experts) ** batch)  # per expert bytes x expected experts
+            active_total += nbytes * (1 - (1 - top_k / experts) ** batch)  # x the expected fraction activated
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     table = 0
