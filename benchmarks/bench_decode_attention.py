@@ -135,11 +135,7 @@ def main() -> None:
     for slots in (int(s) for s in args.slots.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             rows += bench_case(batch, slots, min(args.visible, slots), meta, bandwidth)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"decode_attention_{meta['card'].replace(' ', '_')}_{meta['date']}")
-    utils.write_csv(rows, stem + ".csv")
-    plot(rows, stem + ".png")
-    print(f"wrote {stem}.csv and .png")
+    utils.save_results(rows, args.out, "decode_attention", meta, plot)
 
 
 if __name__ == "__main__":

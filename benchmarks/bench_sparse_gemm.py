@@ -196,11 +196,7 @@ def main() -> None:
     rows = []
     for case in cases:
         rows += bench_gemm(*case, meta, ceilings, args.rep_ms)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sparse_gemm_{meta['card'].replace(' ', '_')}_{meta['date']}")
-    utils.write_csv(rows, stem + ".csv")
-    plot(rows, stem + ".png")
-    print(f"wrote {stem}.csv and .png")
+    utils.save_results(rows, args.out, "sparse_gemm", meta, plot)
 
 
 if __name__ == "__main__":

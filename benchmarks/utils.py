@@ -148,3 +148,14 @@ def write_csv(rows: list[Row], path: str) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
+
+
+def save_results(rows: list, out_dir: str, name: str, meta: dict, plot: Callable[[list, str], None]) -> str:
+    """Write `rows` to OUT_DIR/<name>_<card>_<date>.csv and their plot beside it; returns that path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{name}_{meta['card'].replace(' ', '_')}_{meta['date']}")
+    write_csv(rows, stem + ".csv")
+    plot(rows, stem + ".png")
+    print(f"wrote {stem}.csv and .png")
+    return stem
+
