@@ -7,10 +7,11 @@ first stamp ends the prefill (+ first token) and the gaps are per-step wall time
 warm-up call (it compiles and captures whatever it will), then one timed call: the decode step is the median gap
 (steady state), the mean keeps any re-compile inside the call.
 
-The floor of a decode step (`step_floor`) is the bytes it must read over the device's copy bandwidth, measured here:
-every weight but the expert weights and the input embedding table (of which only `batch` rows are read), the
-experts a batch activates (per fused block, E (1 - (1 - K/E)^batch) distinct experts under uniform routing), and
-the KV cache in use (bytes per token and sequence measured from a short forward's cache). Weights at their dtype.
+The floor of a decode step is the bytes it must read (`step_bytes`) over the device's copy bandwidth
+(`copy_bandwidth`, measured here): every weight but the expert weights and the input embedding table (of which only
+`batch` rows are read), the experts a batch activates (per fused block, E (1 - (1 - K/E)^batch) distinct experts
+under uniform routing), and the KV cache in use (bytes per token and sequence measured from a short forward's
+cache). Weights at their dtype.
 """
 
 from __future__ import annotations
@@ -111,15 +112,15 @@ class StepBytes:
 def step_bytes(model: nn.Module, batch: int, kv_per_token: int) -> StepBytes:
     """What a decode step of `batch` sequences reads, by part, for an optimized model (experts in fused blocks)."""
     from moe_compile.fused_block import FusedMoEBlock
+    from moe_compile.quant.packed import expert_weight_bytes
 
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() * p.element_size() for p in unique.values())
     expert_total, active_total = 0, 0.0
     for block in model.modules():
         if isinstance(block, FusedMoEBlock):
-            tensors = [block.w13, block.w2] if block.packed is None else list(block.packed.buffers())
-            nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-            expert_total += sum(t.numel() * t.element_size() for t in (block.w13, block.w2) if t is not None)
+            nbytes = expert_weight_bytes([block])  # dense parameters, or packed buffers (not parameters)
+            expert_total += nbytes if block.packed is None else 0
             experts, top_k = block.spec.num_experts, block.spec.top_k
             active_total += nbytes * (1 - (1 - top_k / experts) ** batch)  # x the expected fraction activated
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -132,7 +132,7 @@ def attention_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str,
     return found, skipped
 
 
-def _tied(model: nn.Module, linears: dict[str, nn.Linear]) -> set[str]:
+def tied_linears(model: nn.Module, linears: dict[str, nn.Linear]) -> set[str]:
     """Names of linears whose weight is also held by another module (tied weights)."""
     holders: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
@@ -146,7 +146,7 @@ def quantize_linears_fp8(model: nn.Module, include: Optional[Iterable[str]] = No
     result = LinearPassResult(NAME)
     patterns = None if include is None else list(include)
     found, result.skipped = attention_linears(model)
-    tied = _tied(model, found)
+    tied = tied_linears(model, found)
     modules = dict(model.named_modules())
     planned = []
     for name, linear in found.items():

@@ -1,4 +1,4 @@
-"""sparsify_linears_24: 2:4 magnitude pruning of the dense linears through NVIDIA ModelOpt (module-level pass).
+"""sparsify_linears_24: 2:4 pruning of the dense linears through NVIDIA ModelOpt (module-level pass).
 
 ModelOpt's `mts.sparsify` prunes `nn.Linear` weights to 2:4 along the input dim (its `m4n2_1d` pattern): by
 magnitude (`sparse_magnitude`), or, given calibration token ids, by SparseGPT (`sparsegpt`: each linear's Hessian
@@ -46,19 +46,18 @@ def import_mts() -> Any:
 
 def dense_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], dict[str, str]]:
     """(name -> the linears this pass gives ModelOpt, name -> why another linear is left alone)."""
-    holders: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        holders[id(param)] = holders.get(id(param), 0) + 1
+    from moe_compile.passes.quantize_linears_fp8 import tied_linears
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tied = tied_linears(model, linears)
     found, skipped = {}, {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
+    for name, module in linears.items():
         if module is output or name.rpartition(".")[2] == "lm_head":
             skipped[name] = "the LM head stays dense (as ModelOpt's default rule keeps it)"
         elif type(module) is not nn.Linear:
             skipped[name] = f"{type(module).__name__} subclasses nn.Linear: ModelOpt's rules are for nn.Linear"
-        elif holders.get(id(module.weight), 0) > 1:
+        elif name in tied:
             skipped[name] = "its weight is tied to another module's"
         elif not module.weight.is_floating_point():
             skipped[name] = f"weight is {module.weight.dtype}: nothing to prune"

@@ -17,11 +17,8 @@ past the returned tokens, where the next call's masks do not look. Not yet measu
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from typing import Any, Iterator
-
-log = logging.getLogger("moe_compile")
 
 ENABLE_ENV = "MOE_COMPILE_DEFERRED_STOP"
 

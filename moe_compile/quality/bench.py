@@ -40,13 +40,9 @@ class QualityRow:
 
 def expert_bytes(model: nn.Module) -> int:
     from moe_compile.fused_block import FusedMoEBlock
+    from moe_compile.quant.packed import expert_weight_bytes
 
-    total = 0
-    for block in model.modules():
-        if isinstance(block, FusedMoEBlock):
-            tensors = [block.w13, block.w2] if block.packed is None else list(block.packed.buffers())
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
+    return expert_weight_bytes([block for block in model.modules() if isinstance(block, FusedMoEBlock)])
 
 
 def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -> list[QualityRow]:
@@ -68,11 +64,9 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
         return sparsify_24(m, pruned)
 
     def sparsegpt_linears(m: nn.Module):
-        from moe_compile.quality.corpus import train_bytes
-        from moe_compile.quality.eval import encode
-        from moe_compile.quant.gate import SPARSEGPT_CALIBRATION_BYTES
+        from moe_compile.quant.gate import sparsity_calibration
 
-        return sparsify_linears_24(m, encode(train_bytes()[:SPARSEGPT_CALIBRATION_BYTES]))
+        return sparsify_linears_24(m, sparsity_calibration(m, None)[0])  # the experts' SparseGPT text
 
     steps = {"bf16": [], "fp8": [quantize_fp8], "2:4": [sparsify_24], "fp8+2:4": [sparsify_24, quantize_fp8],
              "2:4 sparsegpt": [sparsegpt], "fp8+2:4 sparsegpt": [sparsegpt, quantize_fp8],

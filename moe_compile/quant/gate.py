@@ -78,7 +78,7 @@ def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
     """(per-block 2:4 weights for `sparsify_24`, or None for its magnitude pruning; the record)."""
     if method not in SPARSITY_METHODS:
         raise ValueError(f"sparsity_method={method!r} is not one of {SPARSITY_METHODS}")
-    calibration, source = _sparsity_calibration(model, ids)
+    calibration, source = sparsity_calibration(model, ids)
     if method == "magnitude" or (method == "auto" and calibration is None):
         return None, {"method": "magnitude"}
     if calibration is None:
@@ -93,7 +93,7 @@ def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
     return pruned, {"method": "sparsegpt", "calibration": source, "tokens": int(calibration.numel())}
 
 
-def _sparsity_calibration(model: nn.Module, ids: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], str]:
+def sparsity_calibration(model: nn.Module, ids: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], str]:
     """The built-in quality model calibrates on its training text (its gate measures on held-out text); any other
     model on the user's calibration text, which the gate then also measures on."""
     if getattr(model, "moe_compile_quality_model", False):
@@ -127,7 +127,7 @@ def _passes(ids: Optional[torch.Tensor], fp8_calibration: str, records: dict[str
         # the experts' method: SparseGPT on the same calibration tokens, else magnitude
         calibration = None
         if records.get("sparsity_24", {}).get("method") == "sparsegpt":
-            calibration, source = _sparsity_calibration(model, ids)
+            calibration, source = sparsity_calibration(model, ids)
             records["sparsity_24_linears"] = {"method": "modelopt sparsegpt", "calibration": source}
         else:
             records["sparsity_24_linears"] = {"method": "modelopt sparse_magnitude"}
