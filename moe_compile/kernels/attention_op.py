@@ -5,8 +5,8 @@ mask [B, L] bool (True: attend) or None -> [B, Hkv, G, Dv]. The op is pure and o
 decode step (and its CUDA graph) calls it as one node.
 
 On a CUDA device with Triton it runs the split-KV kernel (`kernels/triton/decode_attention.py`): every SM gets part
-of the cache and masked cache slots are not read. Elsewhere, and for shapes the kernel does not take (head dims that
-are not powers of two, non-contiguous head dims), it runs `reference_decode_attention`: SDPA on the same folded
+of the cache and masked cache slots are not read. Elsewhere, and for inputs the kernel does not take (head dims past
+MAX_HEAD_DIM, non-contiguous head dims, additive masks), it runs `reference_decode_attention`: SDPA on the same folded
 shapes, which the tests and the kernel's checks compare against.
 """
 
@@ -27,6 +27,7 @@ except ImportError as exc:
     log.debug("gqa_decode_attention: the Triton kernel is unavailable (%s); SDPA runs instead", exc)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEAD_DIM = 256  # the kernel holds a [32 keys, head dim] tile of keys and of values in registers
 
 
 def reference_decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
@@ -40,8 +41,7 @@ def kernel_takes(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tenso
     """Whether the Triton kernel runs these inputs (else the reference does)."""
     if _triton_kernel is None or not query.is_cuda or query.dtype not in KERNEL_DTYPES:
         return False
-    dims = (query.shape[-1], value.shape[-1])
-    if any(d < 16 or d & (d - 1) for d in dims) or key.shape[-1] != query.shape[-1]:
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM or key.shape[-1] != query.shape[-1]:
         return False
     if any(t.stride(-1) != 1 for t in (query, key, value)) or key.dtype != query.dtype or value.dtype != query.dtype:
         return False

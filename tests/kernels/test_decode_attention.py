@@ -85,8 +85,10 @@ def test_more_splits_than_one_combine_chunk():
     _check(1, 1, 2, 1100, dim=16, dim_v=16, dtype=DTYPES[0], mask_kind="left_padded")
 
 
-def test_value_dim_differs_from_key_dim():
-    _check(2, 2, 4, 50, dim=32, dim_v=64, dtype=DTYPES[0], mask_kind="static_cache")
+@pytest.mark.parametrize("dim, dim_v", [(32, 64), (8, 8), (96, 80)])
+def test_head_dims(dim, dim_v):
+    """Value dim unlike the key dim, a head dim below a tl.dot tile (the tiny models' 8), dims not powers of two."""
+    _check(2, 2, 4, 50, dim=dim, dim_v=dim_v, dtype=DTYPES[0], mask_kind="static_cache")
 
 
 def test_row_without_visible_keys_gives_zeros():
@@ -111,8 +113,8 @@ def test_kernel_takes_what_it_can_run():
     query, key, value = _inputs(1, 4, 8, 64, 128, 128, torch.bfloat16, seed=1)
     assert kernel_takes(query, key, value, None)
     assert not kernel_takes(query, key, value, torch.zeros(1, 64, device=DEVICE))  # additive masks go to SDPA
-    odd_query, odd_key, odd_value = _inputs(1, 4, 8, 64, 96, 96, torch.bfloat16, seed=1)
-    assert not kernel_takes(odd_query, odd_key, odd_value, None)  # head dim not a power of two
+    wide_query, wide_key, wide_value = _inputs(1, 4, 8, 64, 512, 512, torch.bfloat16, seed=1)
+    assert not kernel_takes(wide_query, wide_key, wide_value, None)  # head dim past MAX_HEAD_DIM
     assert not kernel_takes(query.cpu(), key.cpu(), value.cpu(), None)
 
 
