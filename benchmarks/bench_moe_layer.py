@@ -3,8 +3,9 @@ our triton backend (eager and CUDA-graph replay), the torch reference, and the t
 `experts_implementation` (eager, batched_mm, grouped_mm; plain and CUDA-graph captured) and torch.compile.
 With `--formats`, also `fused_moe_packed`'s triton backend on the same weights packed as FP8 (W8A8, per-channel
 weight scales, per-token activation scales), 2:4 (bf16 values + metadata) and FP8 + 2:4 (`triton_<format>+graph`
-rows; their floor counts the packed weight bytes, and the FP8 matmul rate for FP8 formats; their error is against
-the emulated packed reference). The ceilings (copy bandwidth, bf16 and FP8 matmul rates) are measured first, in the
+rows, and `cuda_fp8+graph` for the experimental cuda backend's FP8 path up to its 16-token limit; their floor counts
+the packed weight bytes, and the FP8 matmul rate for FP8 formats; their error is against the emulated packed
+reference). The ceilings (copy bandwidth, bf16 and FP8 matmul rates) are measured first, in the
 same run, to give each row its floor.
 
   python benchmarks/bench_moe_layer.py [--quick] [--shapes qwen3-30b-a3b,...] [--tokens 1,8,...] [--out DIR]
@@ -115,6 +116,15 @@ class Layer:
             return None, str(exc).splitlines()[0][:100]
         return (lambda: cuda_fused_moe(*self.op_args(x), **self.scalars)), ""
 
+    def cuda_fp8(self, x):
+        """The `cuda` backend's FP8 W8A8 path on the FP8-packed weights -> (callable, "") or (None, why not)."""
+        try:
+            from moe_compile.kernels.cuda_moe import cuda_fused_moe_packed
+        except ImportError as exc:
+            return None, str(exc).splitlines()[0][:100]
+        args, kwargs = self.packed_args(x, "fp8")
+        return (lambda: cuda_fused_moe_packed(*args, **kwargs)), ""
+
     def triton_v2(self, x):
         """The previous version (benchmarks/NOTES.md, version 2), for before/after in one run: routing as torch
         ops, alignment as a memset + 3 launches, tensor-core decode kernels."""
@@ -155,6 +165,8 @@ class Layer:
 
 def packed_format(name):
     """The packed format a candidate runs ("fp8", "sparse24", "fp8+sparse24"), or None."""
+    if name.startswith("cuda_fp8"):
+        return "fp8"
     return next((f for f in sorted(PACKED_FORMATS, key=len, reverse=True) if name == f"triton_{f}+graph"), None)
 
 
@@ -169,6 +181,9 @@ def candidates(layer, x, tokens, quick, compiled, formats=()):
     if cuda is not None and tokens > cuda_limit:
         cuda_skip = f"past the cuda decode limit ({cuda_limit} tokens): runs triton"
     out += [("cuda", cuda, False, cuda_skip), ("cuda+graph", cuda, True, cuda_skip)]
+    if "fp8" in formats:
+        cuda_fp8, fp8_skip = layer.cuda_fp8(x)
+        out.append(("cuda_fp8+graph", cuda_fp8, True, cuda_skip if cuda_fp8 is not None else fp8_skip))
     if tokens >= 2048:  # combine A/B: write [N, H] rows and sum over K instead of fp32 atomics
         out.append(("triton_rowsum+graph", layer.triton(x, lambda c: replace(c, atomic_combine=False)), True, ""))
     eager_skip = "quick: eager loop only up to 128 tokens" if quick and tokens > 128 else ""

@@ -36,7 +36,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "moe_decode_routing.cuh"
+#include "moe_decode_fp8.cuh"
 
 namespace moe {
 
@@ -303,7 +303,8 @@ __device__ void run_unit(const MoeArgs& a, Smem& s, int ai, int slice, int warp,
   }
 }
 
-template <typename XT, typename RT, bool VEC>
+// FP8: e4m3 expert weights (moe_decode_fp8.cuh); phase 1 also quantizes x, phase 3 runs the FP8 units.
+template <typename XT, typename RT, bool VEC, bool FP8>
 __global__ void __launch_bounds__(kThreads, MOE_MIN_BLOCKS) moe_decode_kernel(const __grid_constant__ Params P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& s = *reinterpret_cast<Smem*>(smem_raw);
@@ -315,6 +316,8 @@ __global__ void __launch_bounds__(kThreads, MOE_MIN_BLOCKS) moe_decode_kernel(co
   if (clock && tid == 0) clock[0] = globaltimer_ns();
   // ---- phase 1: zero acc, router logits ----
   for (int i = blockIdx.x * kThreads + tid; i < T * H; i += P.grid * kThreads) a.acc[i] = 0.0f;
+  if constexpr (FP8)
+    for (int t = blockIdx.x * kWarps + warp; t < T; t += P.grid * kWarps) quantize_x_row<XT>(a, t, lane);
   router_logits_phase<XT, RT, VEC>(P, blockIdx.x * kWarps + warp, P.grid * kWarps, lane);
   if (clock && tid == 0) clock[1] = globaltimer_ns();
   grid_barrier(a.sync, P.grid);
@@ -337,8 +340,13 @@ __global__ void __launch_bounds__(kThreads, MOE_MIN_BLOCKS) moe_decode_kernel(co
   const int units = s.num_active * slices;
   for (int u = blockIdx.x; u < units; u += P.grid) {
     const int ai = u / slices, slice = u % slices;
-    if (s.unit_rows[ai] <= 8) run_unit<XT, VEC, 1>(a, s, ai, slice, warp, lane);
-    else run_unit<XT, VEC, 2>(a, s, ai, slice, warp, lane);
+    if constexpr (FP8) {
+      if (s.unit_rows[ai] <= 8) run_unit_fp8<XT, VEC, 1>(a, s, ai, slice, warp, lane);
+      else run_unit_fp8<XT, VEC, 2>(a, s, ai, slice, warp, lane);
+    } else {
+      if (s.unit_rows[ai] <= 8) run_unit<XT, VEC, 1>(a, s, ai, slice, warp, lane);
+      else run_unit<XT, VEC, 2>(a, s, ai, slice, warp, lane);
+    }
   }
 
   // ---- phase 4: the last CTA casts the result and leaves the buffers clean for the next launch ----
@@ -367,9 +375,9 @@ const char* fail(const char* what, cudaError_t err) {
   return g_error;
 }
 
-template <typename XT, typename RT, bool VEC>
+template <typename XT, typename RT, bool VEC, bool FP8>
 const char* launch(const MoeArgs& a, cudaStream_t stream) {
-  auto kernel = moe_decode_kernel<XT, RT, VEC>;
+  auto kernel = moe_decode_kernel<XT, RT, VEC, FP8>;
   constexpr int kMaxDevices = 64;
   static int grid_of_device[kMaxDevices] = {0};
   int device = 0;
@@ -415,6 +423,12 @@ const char* launch(const MoeArgs& a, cudaStream_t stream) {
   return nullptr;
 }
 
+template <typename XT, typename RT>
+const char* launch_for(const MoeArgs& a, cudaStream_t stream, bool vec) {
+  if (a.fp8) return vec ? launch<XT, RT, true, true>(a, stream) : launch<XT, RT, false, true>(a, stream);
+  return vec ? launch<XT, RT, true, false>(a, stream) : launch<XT, RT, false, false>(a, stream);
+}
+
 }  // namespace moe
 
 extern "C" {
@@ -431,8 +445,9 @@ int moe_decode_limit(int which) {
   }
 }
 
-// Launch one layer on `stream`. Returns null on success, else a message. vec: H % 8 == 0, I % 8 == 0 and
-// 16-byte aligned x / router / expert weights (16-byte vector loads).
+// Launch one layer on `stream`. Returns null on success, else a message. vec: H % 8 == 0, I % 8 == 0 (FP8: % 16)
+// and 16-byte aligned x / router / expert weights (16-byte vector loads). FP8 (a.fp8): e4m3 w13 / w2 with
+// w13_scale / w2_scale, and the xq / x_scale scratch (moe_decode_fp8.cuh).
 const char* moe_decode_launch(const moe::MoeArgs* args, void* stream, int vec) {
   using bf16 = __nv_bfloat16;
   using f16 = __half;
@@ -442,12 +457,10 @@ const char* moe_decode_launch(const moe::MoeArgs* args, void* stream, int vec) {
   const bool r_f32 = a.router_dtype == moe::kF32;
   if (a.x_dtype != moe::kBF16 && a.x_dtype != moe::kF16) return "x dtype must be bf16 or fp16";
   if (!r_f32 && a.router_dtype != a.x_dtype) return "router dtype must be x's dtype or fp32";
-  if (x_bf16) {
-    if (r_f32) return vec ? moe::launch<bf16, float, true>(a, s) : moe::launch<bf16, float, false>(a, s);
-    return vec ? moe::launch<bf16, bf16, true>(a, s) : moe::launch<bf16, bf16, false>(a, s);
-  }
-  if (r_f32) return vec ? moe::launch<f16, float, true>(a, s) : moe::launch<f16, float, false>(a, s);
-  return vec ? moe::launch<f16, f16, true>(a, s) : moe::launch<f16, f16, false>(a, s);
+  if (a.fp8 && (!a.w13_scale || !a.w2_scale || !a.xq || !a.x_scale || a.weight_on_input))
+    return "FP8 needs both weight scales and the xq / x_scale scratch, and no weight on the input";
+  if (x_bf16) return r_f32 ? moe::launch_for<bf16, float>(a, s, vec) : moe::launch_for<bf16, bf16>(a, s, vec);
+  return r_f32 ? moe::launch_for<f16, float>(a, s, vec) : moe::launch_for<f16, f16>(a, s, vec);
 }
 
 }  // extern "C"

@@ -64,8 +64,13 @@ struct MoeArgs {
   int* route_ids;           // [T, K] selected experts (written by CTA 0; read by tests), or null
   float* route_weights;     // [T, K] their weights, or null
   unsigned long long* timing;  // [G, kTimePoints] %globaltimer ns at each phase boundary (profiling), or null
+  // FP8 (fp8 != 0): w13 / w2 are e4m3 with per-output-channel fp32 scales; x is quantized per token in phase 1
+  const float* w13_scale;   // [E, 2I] or [E, I] fp32, or null
+  const float* w2_scale;    // [E, H] fp32, or null
+  uint8_t* xq;              // [T, Hq] e4m3 scratch (Hq = H rounded up to 16, zero-padded), written in phase 1
+  float* x_scale;           // [T] fp32 scratch: per-token activation scales, written in phase 1
   int64_t T, E, K, H, I;
-  int64_t gated, x_dtype, router_dtype, corr_dtype;
+  int64_t gated, x_dtype, router_dtype, corr_dtype, fp8;
   int64_t scoring, renormalize, n_group, topk_group, weight_on_input, activation;
   double routed_scaling, alpha, limit;
 };
@@ -162,6 +167,13 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
+  return v;
+}
+
+// 8 bytes of streamed weights (FP8 down slabs).
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
 

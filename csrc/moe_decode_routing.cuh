@@ -24,7 +24,9 @@ struct Smem {
     uint4 ring[kWarps][MOE_CP_STAGES][8][32];  // per warp gate_up weight stages [stage][tile, row half][lane]
 #endif
   } u;
-  uint16_t act[kMaxT][kSlice + 8];            // activations of a unit [routed row][q], x dtype bits (padded)
+  uint16_t act[kMaxT][kSlice + 8];            // activations of a unit [routed row][q], x dtype bits (padded);
+                                              // FP8: e4m3 bytes, the first kSlice of each row's 80
+  float act_scale[kMaxT];                     // FP8: per routed row, the scale of its activation slice
   float topk_w[kMaxT * kMaxK];                // [T, K] routing weights
   int16_t topk_id[kMaxT * kMaxK];             // [T, K] expert ids
   int rank[kMaxE];                            // expert -> index among the active experts (-1: none)

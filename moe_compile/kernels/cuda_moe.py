@@ -5,7 +5,9 @@ synchronisation, so CUDA graphs capture it and replay it correctly when the rout
 barrier counters, router-logit sums) is a zeroed temporary taken from the caching allocator on every call, like its
 fp32 accumulator: nothing outlives a call but the output, as Inductor's cudagraph trees require. Decode sizes are
 T <= 16 tokens, top_k <= 16, E <= 512, bf16 or fp16; any other case runs the `triton` backend (logged once at debug
-level), and without triton raises `UnsupportedByCuda` naming the fallback.
+level), and without triton raises `UnsupportedByCuda` naming the fallback. `fused_moe_packed` with FP8 weights
+(e4m3, per-output-channel scales) and dynamic per-token FP8 activations runs the same launch with e4m3 tensor-core
+MMAs (csrc/moe_decode_fp8.cuh); other packed formats (2:4) run the triton packed backend.
 
 Experimental: importing it raises ImportError unless MOE_COMPILE_CUDA_BACKEND=1 (csrc/NOTES.md says why), so
 `auto` keeps using triton. When enabled, the kernel is compiled with nvcc for sm_90a on first import on a Hopper
@@ -40,15 +42,16 @@ if os.environ.get(ENABLE_ENV) != "1":  # cheap: nothing is built unless asked fo
     raise ImportError(f"the cuda backend is experimental and off by default (H100 measurements so far: slower than "
                       f"triton, see csrc/NOTES.md); set {ENABLE_ENV}=1 to build and register it")
 
-from moe_compile.kernels.op import BackendUnsupported, register_backend  # noqa: E402
+from moe_compile.kernels.op import BackendUnsupported, register_backend, register_packed_backend  # noqa: E402
 
 log = logging.getLogger("moe_compile")
 
-SOURCES = ("moe_decode.cu", "moe_decode_common.cuh", "moe_decode_routing.cuh")
+SOURCES = ("moe_decode.cu", "moe_decode_common.cuh", "moe_decode_routing.cuh", "moe_decode_fp8.cuh")
 NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a"]
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 _INT32_MAX = 2**31 - 1
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 class UnsupportedByCuda(BackendUnsupported):
@@ -122,8 +125,9 @@ class MoeArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "x", "router_w", "router_b", "corr", "w13", "w2", "b13", "b2", "out", "acc", "logits", "sync",
-        "route_ids", "route_weights", "timing")] + [(name, ctypes.c_int64) for name in (
-            "T", "E", "K", "H", "I", "gated", "x_dtype", "router_dtype", "corr_dtype", "scoring", "renormalize",
+        "route_ids", "route_weights", "timing", "w13_scale", "w2_scale", "xq", "x_scale")] + [
+            (name, ctypes.c_int64) for name in (
+            "T", "E", "K", "H", "I", "gated", "x_dtype", "router_dtype", "corr_dtype", "fp8", "scoring", "renormalize",
             "n_group", "topk_group", "weight_on_input", "activation")] + [
         (name, ctypes.c_double) for name in ("routed_scaling", "alpha", "limit")]
 
@@ -161,8 +165,10 @@ def new_workspace(tokens: int, experts: int, device: torch.device) -> Tensor:
 
 def unsupported_reason(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor],
                        correction_bias: Optional[Tensor], w13: Tensor, w2: Tensor, b13: Optional[Tensor],
-                       b2: Optional[Tensor], top_k: int, n_group: int, topk_group: int, activation: str) -> str:
-    """Why the kernel cannot run this case ('' when it can). Every real limit, checked before any launch."""
+                       b2: Optional[Tensor], top_k: int, n_group: int, topk_group: int, activation: str,
+                       fp8: bool = False) -> str:
+    """Why the kernel cannot run this case ('' when it can). Every real limit, checked before any launch.
+    fp8: the expert weights are e4m3 (`packed_unsupported_reason` checks the rest of the FP8 case)."""
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         return f"x must be [T, H] and expert weights 3-D, got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}"
     tokens, hidden = x.shape
@@ -172,8 +178,10 @@ def unsupported_reason(x: Tensor, router_weight: Tensor, router_bias: Optional[T
         problems.append(f"device {x.device} is not a Hopper GPU")
     if x.dtype not in (torch.bfloat16, torch.float16):
         problems.append(f"dtype {x.dtype} (kernel: bf16, fp16)")
-    if any(t is not None and t.dtype != x.dtype for t in (w13, w2, b13, b2)):
-        problems.append("expert weights and biases must have x's dtype")
+    weight_dtype = FP8_DTYPE if fp8 else x.dtype
+    if w13.dtype != weight_dtype or w2.dtype != weight_dtype or any(t is not None and t.dtype != x.dtype
+                                                                     for t in (b13, b2)):
+        problems.append(f"expert weights must be {weight_dtype} and biases {x.dtype}")
     if router_weight.dtype not in (x.dtype, torch.float32):
         problems.append(f"router dtype {router_weight.dtype} (kernel: x's dtype or fp32)")
     if correction_bias is not None and correction_bias.dtype not in _DTYPE_CODES:
@@ -253,11 +261,14 @@ def _delegate(reason: str, args: tuple) -> Tensor:
 def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize, n_group,
            topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
            with_routing: bool = False, timing: Optional[Tensor] = None, lib: Optional[ctypes.CDLL] = None,
-           workspace: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+           workspace: Optional[Tensor] = None, w13_scale: Optional[Tensor] = None,
+           w2_scale: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One kernel launch for a supported case -> (out [T, H], and with_routing: expert ids [T, K] int32 and
     weights [T, K] fp32 as the kernel selected them, for tests). timing: int64 [G, TIME_POINTS] to receive each
     CTA's %globaltimer at the phase boundaries; lib: a variant from load_library (benchmarks); workspace: from
-    new_workspace (default: a fresh one, freed with the call), to read barrier_timed_out from afterwards."""
+    new_workspace (default: a fresh one, freed with the call), to read barrier_timed_out from afterwards.
+    FP8: w13 / w2 in e4m3 with w13_scale [E, 2I or I] / w2_scale [E, H] fp32 (activations quantized in the kernel,
+    x per token, the intermediate per 32-column block of a routed row)."""
     tokens, hidden = x.shape
     experts, _, inter = w2.shape
     x = x.contiguous()
@@ -272,6 +283,11 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
                          f"{_SYNC_WORDS + tokens * experts} elements")
     out = torch.empty_like(x)
     acc = torch.empty(tokens, hidden, dtype=torch.float32, device=device)
+    fp8 = w13.dtype == FP8_DTYPE
+    xq = x_scale = None
+    if fp8:  # the kernel's per-token e4m3 copy of x (rows padded to 16 bytes) and its scales
+        xq = torch.empty(tokens, -(-hidden // 16) * 16, dtype=torch.uint8, device=device)
+        x_scale = torch.empty(tokens, dtype=torch.float32, device=device)
     ids = weights = None
     if with_routing:
         ids = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
@@ -285,7 +301,8 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
         x=ptr(x), router_w=ptr(router_weight), router_b=ptr(router_bias), corr=ptr(correction_bias), w13=ptr(w13),
         w2=ptr(w2), b13=ptr(b13), b2=ptr(b2), out=ptr(out), acc=ptr(acc), logits=workspace.data_ptr() + 4 * _SYNC_WORDS,
         sync=ptr(workspace),
-        route_ids=ptr(ids), route_weights=ptr(weights), timing=ptr(timing),
+        route_ids=ptr(ids), route_weights=ptr(weights), timing=ptr(timing), w13_scale=ptr(w13_scale),
+        w2_scale=ptr(w2_scale), xq=ptr(xq), x_scale=ptr(x_scale), fp8=int(fp8),
         T=tokens, E=experts, K=top_k, H=hidden, I=inter, gated=int(w13.shape[1] == 2 * inter),
         x_dtype=_DTYPE_CODES[x.dtype], router_dtype=_DTYPE_CODES[router_weight.dtype],
         corr_dtype=_DTYPE_CODES[correction_bias.dtype] if correction_bias is not None else 2,
@@ -294,7 +311,8 @@ def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top
         weight_on_input=int(weight_on_input), activation=_ACTIVATIONS[activation],
         routed_scaling=float(routed_scaling), alpha=float(alpha), limit=float(limit),
     )
-    vec = int(hidden % 8 == 0 and inter % 8 == 0 and _aligned(x, router_weight, w13, w2))
+    multiple = 16 if fp8 else 8  # elements of one 16-byte load
+    vec = int(hidden % multiple == 0 and inter % multiple == 0 and _aligned(x, router_weight, w13, w2))
     with torch.cuda.device(device):
         error = (lib or _LIB).moe_decode_launch(ctypes.byref(a), ctypes.c_void_p(stream), vec)
     if error is not None:
@@ -308,4 +326,85 @@ def barrier_timed_out(workspace: Tensor) -> bool:
     return bool(workspace[3].item())
 
 
+def packed_unsupported_reason(x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor],
+                              correction_bias: Optional[Tensor], w13: Tensor, w2: Tensor, b13: Optional[Tensor],
+                              b2: Optional[Tensor], w13_scale: Optional[Tensor], w2_scale: Optional[Tensor],
+                              w13_meta: Optional[Tensor], w2_meta: Optional[Tensor], top_k: int, n_group: int,
+                              topk_group: int, weight_on_input: bool, activation: str, act_quant: str) -> str:
+    """Why the kernel cannot run this `fused_moe_packed` case ('' when it can): it runs FP8 W8A8 only."""
+    problems = []
+    if w13_meta is not None or w2_meta is not None:
+        problems.append("2:4 compressed weights (cuda kernel: FP8 only)")
+    if w13.dtype != FP8_DTYPE or w2.dtype != FP8_DTYPE:
+        problems.append(f"weights in {w13.dtype} (cuda kernel: {FP8_DTYPE})")
+    if act_quant != "fp8_per_token":
+        problems.append(f"act_quant {act_quant!r} (cuda kernel: 'fp8_per_token', W8A8)")
+    if weight_on_input:
+        problems.append("the routing weight on FP8 activations")
+    experts, hidden, _ = w2.shape
+    scales = ((w13_scale, (experts, w13.shape[1])), (w2_scale, (experts, hidden)))
+    if any(s is None or s.dtype != torch.float32 or tuple(s.shape) != shape or not s.is_contiguous()
+           for s, shape in scales):
+        problems.append("weight scales must be contiguous fp32 [E, 2I or I] and [E, H]")
+    if problems:
+        return "; ".join(problems)
+    return unsupported_reason(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, n_group,
+                              topk_group, activation, fp8=True)
+
+
+def cuda_fused_moe_packed(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    w13: Tensor,
+    w2: Tensor,
+    b13: Optional[Tensor],
+    b2: Optional[Tensor],
+    w13_scale: Optional[Tensor],
+    w2_scale: Optional[Tensor],
+    w13_meta: Optional[Tensor],
+    w2_meta: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    n_group: int,
+    topk_group: int,
+    routed_scaling: float,
+    weight_on_input: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    act_quant: str,
+) -> Tensor:
+    """Same contract as `reference.torch_fused_moe_packed`; FP8 W8A8 in the decode kernel, the rest on triton."""
+    reason = packed_unsupported_reason(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale,
+                                       w2_scale, w13_meta, w2_meta, top_k, n_group, topk_group, weight_on_input,
+                                       activation, act_quant)
+    args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale, w2_scale, w13_meta, w2_meta,
+            top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha,
+            limit, act_quant)
+    if reason:
+        return _delegate_packed(reason, args)
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    return launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize,
+                  n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
+                  w13_scale=w13_scale, w2_scale=w2_scale)[0]
+
+
+def _delegate_packed(reason: str, args: tuple) -> Tensor:
+    """Packed cases beyond the FP8 decode kernel run the triton packed backend (logged once per reason)."""
+    try:
+        from moe_compile.kernels.triton_packed import triton_fused_moe_packed
+    except ImportError as exc:
+        raise UnsupportedByCuda(f"cuda fused_moe_packed cannot run this case: {reason}; the triton backend is "
+                                f"unavailable ({exc}). {FALLBACK}") from exc
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.debug("fused_moe_packed cuda backend: %s; running the triton backend", reason)
+    return triton_fused_moe_packed(*args)
+
+
 register_backend("cuda", cuda_fused_moe)
+register_packed_backend("cuda", cuda_fused_moe_packed)

@@ -207,10 +207,12 @@ fused_moe.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- `fused_moe_packed`: the same layer with packed expert weights (FP8 e4m3 + scales and/or 2:4 + metadata) ----
 # A separate op so that `fused_moe`'s signature stays as GPU kernels expect it. `reference` emulates (dequantize /
-# decompress, then matmul in the activation dtype); `triton` (kernels/triton_packed.py) runs FP8 / 2:4 kernels.
+# decompress, then matmul in the activation dtype); `triton` (kernels/triton_packed.py) runs FP8 / 2:4 kernels;
+# the opt-in `cuda` backend (kernels/cuda_moe.py) runs FP8 W8A8 at decode sizes and hands the rest to triton.
 
 _PACKED_BACKENDS: dict[str, BackendFn] = {"reference": reference.torch_fused_moe_packed}
-_PACKED_PREFERENCE = {"cuda": ["triton", "reference"]}  # `auto` takes the first one registered
+# `auto` takes the first one registered ("cuda" only when MOE_COMPILE_CUDA_BACKEND=1, as for fused_moe)
+_PACKED_PREFERENCE = {"cuda": ["cuda", "triton", "reference"]}
 
 
 def register_packed_backend(name: str, fn: BackendFn) -> None:
@@ -256,7 +258,7 @@ def fused_moe_packed(
     args = (x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, w13_scale, w2_scale, w13_meta, w2_meta,
             top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
             act_quant)
-    # a block pinned to a backend without packed kernels (e.g. "cuda") gets the best packed one
+    # a block pinned to a backend without packed kernels (e.g. "cuda" when not enabled) gets the best packed one
     name = _choose(backend, x.device, _PACKED_BACKENDS, _PACKED_PREFERENCE, "fused_moe_packed")
     explicit = name == backend
     try:

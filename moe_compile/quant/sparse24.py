@@ -21,12 +21,17 @@ def _check_k(k: int) -> None:
         raise ValueError(f"2:4 sparsity needs the reduction dim to be a multiple of 4, got {k}")
 
 
-def mask_24(w: Tensor) -> Tensor:
-    """Boolean mask [..., K] keeping the 2 largest |w| of every group of 4 along the last dim."""
+def kept_positions(w: Tensor) -> Tensor:
+    """[..., K/4, 2] int64: the positions (ascending) of the 2 largest |w| in every group of 4 along the last dim."""
     _check_k(w.shape[-1])
     groups = w.detach().abs().float().reshape(*w.shape[:-1], -1, GROUP)  # [..., K/4, 4]
-    keep = groups.topk(KEEP, dim=-1).indices  # [..., K/4, 2]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return groups.topk(KEEP, dim=-1).indices.sort(dim=-1).values  # [..., K/4, 2]
+
+
+def mask_24(w: Tensor) -> Tensor:
+    """Boolean mask [..., K] keeping the 2 largest |w| of every group of 4 along the last dim."""
+    keep = kept_positions(w)  # [..., K/4, 2]
+    mask = torch.zeros(*keep.shape[:-1], GROUP, dtype=torch.bool, device=w.device).scatter_(-1, keep, True)
     return mask.reshape(w.shape)
 
 
@@ -41,18 +46,33 @@ def is_24_sparse(w: Tensor) -> bool:
     return bool(((w.reshape(*w.shape[:-1], -1, GROUP) != 0).sum(-1) <= KEEP).all())
 
 
+# Rows of w compressed at a time: bounds compress_24's temporaries (fp32 magnitudes, int64 positions) to a few
+# hundred MB, whatever the size of w (one MoE layer's fused experts can be billions of elements).
+CHUNK_ELEMENTS = 1 << 24
+
+
 def compress_24(w: Tensor) -> tuple[Tensor, Tensor]:
     """Magnitude-prune w [..., K] to 2:4 and compress: (values [..., K/2] in w's dtype, meta [..., ceil(K/8)] uint8)."""
     k = w.shape[-1]
-    mask = mask_24(w).reshape(*w.shape[:-1], -1, GROUP)  # [..., G, 4]
-    pos = torch.arange(GROUP, device=w.device).expand_as(mask)
-    idx = pos[mask].reshape(*w.shape[:-1], -1, KEEP)  # [..., G, 2] kept positions, ascending
-    values = w.reshape(*w.shape[:-1], -1, GROUP).gather(-1, idx).reshape(*w.shape[:-1], k // 2)  # [..., K/2]
-    nibble = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [..., G]
+    _check_k(k)
+    values = torch.empty(*w.shape[:-1], k // 2, dtype=w.dtype, device=w.device)
+    meta = torch.empty(*w.shape[:-1], -(-k // 8), dtype=torch.uint8, device=w.device)
+    rows_w, rows_v, rows_m = w.detach().reshape(-1, k), values.view(-1, k // 2), meta.view(-1, meta.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // k)
+    for start in range(0, rows_w.shape[0], step):
+        rows = slice(start, start + step)
+        rows_v[rows], rows_m[rows] = _compress_rows(rows_w[rows])
+    return values, meta
+
+
+def _compress_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """compress_24 of w [N, K]."""
+    idx = kept_positions(w)  # [N, G, 2]
+    values = w.reshape(w.shape[0], -1, GROUP).gather(-1, idx).reshape(w.shape[0], -1)  # [N, K/2]
+    nibble = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [N, G]
     if nibble.shape[-1] % 2:
         nibble = torch.nn.functional.pad(nibble, (0, 1))
-    meta = nibble[..., 0::2] | (nibble[..., 1::2] << 4)  # [..., ceil(G/2)]
-    return values, meta
+    return values, nibble[..., 0::2] | (nibble[..., 1::2] << 4)  # [N, K/2], [N, ceil(G/2)]
 
 
 def metadata_indices(meta: Tensor, k: int) -> Tensor:

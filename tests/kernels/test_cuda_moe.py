@@ -37,6 +37,7 @@ def import_cuda_backend():
         else:
             os.environ["MOE_COMPILE_CUDA_BACKEND"] = previous
     op._BACKENDS.pop("cuda", None)
+    op._PACKED_BACKENDS.pop("cuda", None)
     return module, ""
 
 
@@ -391,4 +392,4 @@ def test_off_unless_asked_for(monkeypatch):
     monkeypatch.delitem(sys.modules, "moe_compile.kernels.cuda_moe", raising=False)
     with pytest.raises(ImportError, match="CUDA device|MOE_COMPILE_CUDA_BACKEND"):
         importlib.import_module("moe_compile.kernels.cuda_moe")
-    assert "cuda" not in op.available_backends()
+    assert "cuda" not in op.available_backends() and "cuda" not in op.available_packed_backends()
