@@ -14,12 +14,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from moe_compile.counters import counters
 from moe_compile.fused_block import FusedMoEBlock
-from moe_compile.quant.fp8 import E4M3_MAX, FP8_DTYPE, quantize_per_channel
+from moe_compile.quant.fp8 import quantize_per_channel, quantize_rows
 from moe_compile.quant.packed import ModulePassResult, PackedExperts, convert_blocks
 
 NAME = "quantize_fp8"
@@ -31,9 +30,7 @@ def quantize_with_scale(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     if tuple(scale.shape) != tuple(w.shape[:-1]):
         raise ValueError(f"FP8 scale of shape {tuple(scale.shape)} does not fit weights {tuple(w.shape)} "
                          f"(expected {tuple(w.shape[:-1])}: one scale per output channel)")
-    scale = scale.detach().to(device=w.device, dtype=torch.float32)
-    q = (w.detach().float() / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    return q, scale
+    return quantize_rows(w, scale)
 
 
 def fp8_experts(w13: Tensor, w2: Tensor, scales: Optional[tuple[Tensor, Tensor]] = None,

@@ -61,7 +61,7 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
             from moe_compile.quant.gate import sparsity_pruned
 
             pruned.update(sparsity_pruned(m, None, "sparsegpt")[0])
-        return sparsify_24(m, pruned)
+        return sparsify_24(m, dict(pruned))  # a copy: sparsify_24 takes its entries out as it uses them
 
     def sparsegpt_linears(m: nn.Module):
         from moe_compile.quant.gate import sparsity_calibration

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_compile.quant.chunks import row_chunks
+
 GROUP = 4
 KEEP = 2
 
@@ -46,11 +48,6 @@ def is_24_sparse(w: Tensor) -> bool:
     return bool(((w.reshape(*w.shape[:-1], -1, GROUP) != 0).sum(-1) <= KEEP).all())
 
 
-# Rows of w compressed at a time: bounds compress_24's temporaries (fp32 magnitudes, int64 positions) to a few
-# hundred MB, whatever the size of w (one MoE layer's fused experts can be billions of elements).
-CHUNK_ELEMENTS = 1 << 24
-
-
 def compress_24(w: Tensor) -> tuple[Tensor, Tensor]:
     """Magnitude-prune w [..., K] to 2:4 and compress: (values [..., K/2] in w's dtype, meta [..., ceil(K/8)] uint8)."""
     k = w.shape[-1]
@@ -58,9 +55,7 @@ def compress_24(w: Tensor) -> tuple[Tensor, Tensor]:
     values = torch.empty(*w.shape[:-1], k // 2, dtype=w.dtype, device=w.device)
     meta = torch.empty(*w.shape[:-1], -(-k // 8), dtype=torch.uint8, device=w.device)
     rows_w, rows_v, rows_m = w.detach().reshape(-1, k), values.view(-1, k // 2), meta.view(-1, meta.shape[-1])
-    step = max(1, CHUNK_ELEMENTS // k)
-    for start in range(0, rows_w.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in row_chunks(rows_w.shape[0], k):  # bounded temporaries (fp32 magnitudes, int64 positions)
         rows_v[rows], rows_m[rows] = _compress_rows(rows_w[rows])
     return values, meta
 

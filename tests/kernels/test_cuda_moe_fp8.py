@@ -167,25 +167,43 @@ def test_through_the_op_and_auto():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("what", ["sparse24", "w8a16", "tokens"])
+@pytest.mark.parametrize("what", ["sparse24", "tokens"])
 def test_other_packed_cases_run_triton(what):
-    """2:4 weights, FP8 weights with 16-bit activations, or 40 tokens: a stated reason, and triton's result."""
+    """FP8 + 2:4 weights, or 40 tokens: a stated reason, and triton's result."""
     from moe_compile.kernels.triton_packed import triton_fused_moe_packed
 
     T = 40 if what == "tokens" else 4
     tensors, scales, scalars = fp8_case((T, 16, 2, 128, 64, {}), torch.bfloat16)
-    metas, act_quant = (None, None), "fp8_per_token"
+    metas = (None, None)
     if what == "sparse24":
         dense = {k: unpack_weight(tensors[k], scales[f"{k}_scale"], None, torch.bfloat16) for k in ("w13", "w2")}
         (tensors["w13"], m13), (tensors["w2"], m2) = compress_24(dense["w13"]), compress_24(dense["w2"])
         tensors["w13"], scales["w13_scale"] = quantize_per_channel(tensors["w13"])
         tensors["w2"], scales["w2_scale"] = quantize_per_channel(tensors["w2"])
         metas = (m13, m2)
-    elif what == "w8a16":
-        act_quant = "none"
-    args = packed_args(tensors, scales, scalars, act_quant, metas)
-    reason = cuda_moe.packed_unsupported_reason(*args[:12], scalars["top_k"], scalars["n_group"],
-                                                scalars["topk_group"], scalars["weight_on_input"],
-                                                scalars["activation"], act_quant)
-    assert {"sparse24": "2:4", "w8a16": "act_quant", "tokens": "40 tokens"}[what] in reason
+    args = packed_args(tensors, scales, scalars, metas=metas)
+    assert {"sparse24": "2:4", "tokens": "40 tokens"}[what] in unsupported(args, scalars)
     assert torch.equal(cuda_moe.cuda_fused_moe_packed(*args), triton_fused_moe_packed(*args))
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp8_weights_with_16_bit_activations_fall_back_to_the_reference():
+    """W8A16 is no kernel's case (triton's packed kernels run W8A8 too): the reason is stated, and through the op
+    `auto` runs the reference instead."""
+    tensors, scales, scalars = fp8_case((4, 16, 2, 128, 64, {}), torch.bfloat16)
+    args = packed_args(tensors, scales, scalars, act_quant="none")
+    assert "act_quant" in unsupported(args, scalars)
+    with pytest.raises(op.BackendUnsupported, match="reference"):
+        cuda_moe.cuda_fused_moe_packed(*args)
+    op.register_packed_backend("cuda", cuda_moe.cuda_fused_moe_packed)
+    try:
+        assert torch.equal(torch.ops.moe_compile.fused_moe_packed(*args),
+                           reference.torch_fused_moe_packed(*args))
+    finally:
+        op._PACKED_BACKENDS.pop("cuda", None)
+
+
+def unsupported(args, scalars) -> str:
+    return cuda_moe.packed_unsupported_reason(*args[:12], scalars["top_k"], scalars["n_group"], scalars["topk_group"],
+                                             scalars["weight_on_input"], scalars["activation"], args[-1])

@@ -50,14 +50,31 @@ def test_24_pattern_and_round_trip(shape):
 def test_24_compression_in_chunks_is_the_same(monkeypatch):
     """compress_24 works through a large weight a few rows at a time (bounded temporaries: one MoE layer's experts
     ran an 80 GB GPU out of memory before): chunks that split the leading dims give the same values and metadata."""
-    import moe_compile.quant.sparse24 as sparse24
+    import moe_compile.quant.chunks as chunks
 
     w = torch.randn(3, 7, 24, dtype=torch.bfloat16)
     whole = compress_24(w)
-    monkeypatch.setattr(sparse24, "CHUNK_ELEMENTS", 5 * 24)  # 5 rows a chunk: chunks straddle experts
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 5 * 24)  # 5 rows a chunk: chunks straddle experts
     chunked = compress_24(w)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     assert torch.equal(decompress_24(*chunked), prune_24(w))
+
+
+def test_fp8_quantization_in_chunks_is_the_same(monkeypatch):
+    """quantize_rows works a few rows at a time (a DeepSeek-V3 layer's fp32 copy alone is 28 GB): chunked results,
+    with computed and with given scales, equal the one-shot formula."""
+    import moe_compile.quant.chunks as chunks
+    from moe_compile.quant.fp8 import E4M3_MAX, quantize_rows
+
+    w = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    scale = (w.float().abs().amax(-1) / E4M3_MAX).clamp(min=1e-12)
+    expected = (w.float() / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 5 * 24)  # 5 rows a chunk: chunks straddle experts
+    for given in (None, scale * 2):
+        q, s = quantize_rows(w, given)
+        want_scale = scale if given is None else given
+        want = expected if given is None else (w.float() / given.unsqueeze(-1)).to(FP8_DTYPE)
+        assert torch.equal(s, want_scale) and torch.equal(q.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_24_needs_multiple_of_four():
