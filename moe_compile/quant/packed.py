@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from moe_compile.quant.chunks import row_chunks
 from moe_compile.quant.fp8 import FP8_DTYPE, dequantize_per_channel
 from moe_compile.quant.sparse24 import decompress_24
 
@@ -23,11 +24,21 @@ log = logging.getLogger("moe_compile")
 
 
 def unpack_weight(w: Tensor, scale: Optional[Tensor], meta: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """Dense weight [..., N, K] in `dtype` from packed storage: dequantize (scale) then decompress (meta)."""
-    dense = w if scale is None else dequantize_per_channel(w, scale, torch.float32)
-    if meta is not None:
-        dense = decompress_24(dense, meta)
-    return dense.to(dtype)
+    """Dense weight [..., N, K] in `dtype` from packed storage: dequantize (scale) then decompress (meta), a few rows
+    at a time (quant.chunks: a DeepSeek-V3 layer's fp32 intermediate alone would be 28 GB)."""
+    if scale is None and meta is None:
+        return w.to(dtype)
+    k = w.shape[-1] * (2 if meta is not None else 1)
+    out = torch.empty(*w.shape[:-1], k, dtype=dtype, device=w.device)
+    rows_w, rows_out = w.reshape(-1, w.shape[-1]), out.view(-1, k)
+    rows_s = None if scale is None else scale.reshape(-1)
+    rows_m = None if meta is None else meta.reshape(-1, meta.shape[-1])
+    for rows in row_chunks(rows_w.shape[0], k):
+        dense = rows_w[rows] if rows_s is None else dequantize_per_channel(rows_w[rows], rows_s[rows], torch.float32)
+        if rows_m is not None:
+            dense = decompress_24(dense, rows_m[rows])
+        rows_out[rows] = dense.to(dtype)
+    return out
 
 
 class PackedExperts(nn.Module):

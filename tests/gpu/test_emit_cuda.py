@@ -164,7 +164,7 @@ def test_dynamic_batch_decode_gives_the_same_tokens_from_two_graphs():
     for ids, tokens in zip(calls, expected):
         assert torch.equal(model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False), tokens)
     graphs = _decode_graphs(model)
-    assert dict(graphs.compiled) == {1: 1, 2: 1}
+    assert {bucket: n for bucket, n in graphs.compiled.items() if n} == {1: 1, 2: 1}  # buckets 4, 8 compile nothing
     assert graphs.captured_buckets == [1, 2, 4, 8]
     assert _inductor_counters()["cudagraph_skips"] == skips_before
 

@@ -77,6 +77,18 @@ def test_fp8_quantization_in_chunks_is_the_same(monkeypatch):
         assert torch.equal(s, want_scale) and torch.equal(q.view(torch.uint8), want.view(torch.uint8))
 
 
+def test_unpacking_in_chunks_is_the_same(monkeypatch):
+    """unpack_weight (dequantize, decompress) a few rows at a time equals the whole-tensor formula, FP8 + 2:4."""
+    import moe_compile.quant.chunks as chunks
+    from moe_compile.quant.packed import unpack_weight
+
+    values, meta = compress_24(torch.randn(3, 7, 24))
+    q, scale = quantize_per_channel(values)
+    expected = decompress_24(dequantize_per_channel(q, scale, torch.float32), meta).to(torch.bfloat16)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 5 * 24)  # 5 rows a chunk: chunks straddle experts
+    assert torch.equal(unpack_weight(q, scale, meta, torch.bfloat16), expected)
+
+
 def test_24_needs_multiple_of_four():
     with pytest.raises(ValueError, match="multiple of 4"):
         compress_24(torch.randn(3, 10))
