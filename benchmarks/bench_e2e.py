@@ -304,18 +304,8 @@ def write_rows(rows: list[E2ERow], stem: str) -> None:
 
 
 def read_rows(path: str) -> list[E2ERow]:
-    """Rows of a CSV written by `write_rows` (empty fields: None)."""
-    types = {name: str(field.type) for name, field in E2ERow.__dataclass_fields__.items()}  # "Optional[float]"...
-    parsers = {"int": int, "float": float, "str": str}
-    rows = []
-    with open(path, newline="") as f:
-        for record in csv.DictReader(f):
-            values = {}
-            for name, text in record.items():
-                kind = types[name].removeprefix("Optional[").removesuffix("]")
-                values[name] = None if text == "" and types[name].startswith("Optional") else parsers[kind](text)
-            rows.append(E2ERow(**values))
-    return rows
+    """Rows of a CSV written by `write_rows`."""
+    return utils.read_csv(path, E2ERow)
 
 
 def merge(paths: list[str], stem: str) -> None:

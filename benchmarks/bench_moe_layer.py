@@ -322,6 +322,18 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[str], stem: str) -> None:
+    """One CSV and plot from several runs' CSVs (each shape's rows, ceilings included, from the run that measured
+    it), with the summary tables."""
+    rows = [r for path in paths for r in utils.read_csv(path, utils.Row)]
+    utils.write_csv(rows, stem + ".csv")
+    measured = [r for r in rows if r.shape != "ceilings"]
+    plot(measured, stem + ".png")
+    summary(measured)
+    format_summary(measured)
+    print(f"merged {len(rows)} rows into {stem}.csv and .png")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer token counts, no torch.compile, eager only <= 128")
@@ -332,7 +344,13 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=330.0, help="after this, skip the remaining HF baselines")
     p.add_argument("--formats", default=",".join(PACKED_FORMATS),
                    help="packed weight formats to add as triton_<format>+graph rows (empty: none)")
+    p.add_argument("--merge", nargs="+", metavar="CSV", help="no run: merge these result CSVs (runs of some shapes "
+                   "each, e.g. under a time limit) into --stem's CSV and plot")
+    p.add_argument("--stem", help="with --merge: output path without extension")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.stem or os.path.join(args.out, "moe_layer_merged"))
+        return
     formats = tuple(f for f in args.formats.split(",") if f)
     unknown = set(formats) - set(PACKED_FORMATS)
     if unknown:

@@ -150,6 +150,22 @@ def write_csv(rows: list[Row], path: str) -> None:
             writer.writerow(asdict(r))
 
 
+def read_csv(path: str, row_type: type) -> list:
+    """Rows of a CSV written by `write_csv` (or a benchmark's own writer) as `row_type` dataclasses; empty fields of
+    Optional fields read as None."""
+    types = {name: str(field.type) for name, field in row_type.__dataclass_fields__.items()}  # "Optional[float]"...
+    parsers = {"int": int, "float": float, "str": str}
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for name, text in record.items():
+                kind = types[name].removeprefix("Optional[").removesuffix("]")
+                values[name] = None if text == "" and types[name].startswith("Optional") else parsers[kind](text)
+            rows.append(row_type(**values))
+    return rows
+
+
 def save_results(rows: list, out_dir: str, name: str, meta: dict, plot: Callable[[list, str], None]) -> str:
     """Write `rows` to OUT_DIR/<name>_<card>_<date>.csv and their plot beside it; returns that path stem."""
     os.makedirs(out_dir, exist_ok=True)

@@ -38,6 +38,31 @@ def test_e2e_rows_round_trip_and_merge(bench_e2e, tmp_path):
     assert (tmp_path / "all.png").stat().st_size > 0  # the plot, with an impl missing at one batch
 
 
+def test_layer_runs_merge_into_one_table(monkeypatch, tmp_path, capsys):
+    """bench_moe_layer --merge: runs of some shapes each (the device's time limit) become one CSV, plot and table."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_moe_layer
+    import utils
+
+    def row(shape, impl, us, tokens=8):
+        return utils.Row(card="card", date="2026-11-27", git_commit="abc1234", shape=shape, tokens=tokens, impl=impl,
+                         us=us, floor_us=100.0, ratio_to_floor=None if us is None else us / 100.0, active_experts=8,
+                         gbps=None, tflops=None, err_vs_ref=None if us is None else 5e-3, note="")
+
+    runs = [[row("ceilings", "copy_TBps/matmul_TFLOPs", None, 0), row("qwen3", "triton+graph", 110.0),
+             row("qwen3", "hf_compile", 150.0), row("qwen3", "triton_fp8+graph", 60.0)],
+            [row("deepseek", "triton+graph", 120.0), row("deepseek", "hf_eager", None)]]
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(str(tmp_path / f"run{i}.csv"))
+        utils.write_csv(rows, paths[-1])
+    bench_moe_layer.main(["--merge", *paths, "--stem", str(tmp_path / "all")])
+    assert utils.read_csv(str(tmp_path / "all.csv"), utils.Row) == runs[0] + runs[1]
+    assert (tmp_path / "all.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "qwen3" in table and "deepseek" in table and "0.55" in table  # fp8 / bf16 = 60 / 110
+
+
 def test_parse_decode_options(bench_e2e):
     assert bench_e2e.parse_options(["combo_kernels=True", "mode=fast", "n=3"]) == {
         "combo_kernels": True, "mode": "fast", "n": 3}

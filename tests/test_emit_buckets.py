@@ -138,3 +138,18 @@ def test_dynamic_batch_compiles_the_step_twice_for_all_buckets(model):
     finally:
         disable_cuda_graph_decode(model)
 
+
+
+def test_recording_counter_survives_dynamo_reset():
+    """torch._dynamo.reset() clears every compilation callback; the CUDA-graph recording counter registers again
+    (else a bucket's captured graphs would go uncounted, as a GPU test run after a reset showed)."""
+    from torch._dynamo.callback import callback_handler
+
+    from moe_compile.emit.decode_graphs import _count_cudagraph_recordings, register_recording_counter
+
+    register_recording_counter()
+    torch._dynamo.reset()
+    assert _count_cudagraph_recordings not in callback_handler.start_callbacks
+    register_recording_counter()
+    register_recording_counter()
+    assert callback_handler.start_callbacks.count(_count_cudagraph_recordings) == 1

@@ -35,7 +35,6 @@ log = logging.getLogger("moe_compile")
 
 RECORDINGS = "cudagraph_recordings"
 DYNAMO_DEFAULT_RECOMPILE_LIMIT = 8  # headroom kept for other models compiled in the process (same code object)
-_callback_registered = False
 
 
 def _count_cudagraph_recordings(args: Any = None) -> None:
@@ -45,14 +44,12 @@ def _count_cudagraph_recordings(args: Any = None) -> None:
 
 
 def register_recording_counter() -> None:
-    """Count CUDA-graph recordings through Dynamo's compilation callbacks (once per process)."""
-    global _callback_registered
-    if _callback_registered:
-        return
+    """Count CUDA-graph recordings through Dynamo's compilation callbacks (once; again after `torch._dynamo.reset()`,
+    which clears every registered callback)."""
     from torch._dynamo.callback import callback_handler
 
-    callback_handler.register_start_callback(_count_cudagraph_recordings)
-    _callback_registered = True
+    if _count_cudagraph_recordings not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(_count_cudagraph_recordings)
 
 
 def _step_batch(kwargs: dict) -> Optional[int]:
@@ -142,6 +139,7 @@ class DecodeGraphs:
 
     def _first_step(self, batch: Optional[int], compiled: Callable, args: tuple, kwargs: dict) -> Any:
         real = self._real_batch if self._real_batch is not None else batch
+        register_recording_counter()  # a torch._dynamo.reset() since install drops it
         start = time.perf_counter()
         with status(f"capturing decode graph for batch {real} (bucket {batch})..."):
             output = compiled(*args, **kwargs)
