@@ -84,20 +84,8 @@ __device__ void run_unit(const MoeArgs& a, Smem& s, int ai, int slice, int warp,
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
 
   // A rows of this lane: unit row q (< S: gate row i0 + q; >= S: up row I + i0 + q - S), rows g and g + 8 per tile
-  int offA[4], offB[4];  // element offsets inside the expert (host checks 2I * H < 2^31)
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    int off[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int q = mt * 16 + g + 8 * h;
-      const int col = q < kSlice ? i0 + q : i0 + q - kSlice;  // I-column of the row
-      const int row = q < kSlice ? col : I + col;
-      off[h] = (mt < mt_count && col < I) ? row * H : -1;
-    }
-    offA[mt] = off[0];
-    offB[mt] = off[1];
-  }
+  int offA[4], offB[4];
+  unit_row_offsets(i0, I, H, mt_count, g, offA, offB);
   // B columns of this lane: routed row n = nt * 8 + g (clamped to a real row; extra columns are discarded)
   int offX[NT];
   float wX[NT];
@@ -207,20 +195,7 @@ __device__ void run_unit(const MoeArgs& a, Smem& s, int ai, int slice, int warp,
           if (mt < mt_count) chunk_mma(mt, wa[u][mt], wb[u][mt], xb[u]);
     }
   }
-  // C fragment: c0, c1 = (tile row g, routed rows 2c, 2c+1); c2, c3 = (tile row g + 8, same)
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    if (mt < mt_count) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s.u.red[warp][mt * 16 + g][nt * 8 + 2 * c + j] = acc13[mt][nt][j];
-          s.u.red[warp][mt * 16 + g + 8][nt * 8 + 2 * c + j] = acc13[mt][nt][2 + j];
-        }
-      }
-    }
-  }
+  store_partials<NT>(s, warp, acc13, mt_count, g, c);
   __syncthreads();
 
   // ---- activation: act [r, q] for routed row r, slice column q ----

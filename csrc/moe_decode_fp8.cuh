@@ -18,7 +18,7 @@
 //   down: lane c loads 8 bytes at slice column 8 c: one k32 step per slice.
 #pragma once
 
-#include "moe_decode_routing.cuh"
+#include "moe_decode_unit.cuh"
 
 namespace moe {
 
@@ -101,19 +101,7 @@ __device__ void run_unit_fp8(const MoeArgs& a, Smem& s, int ai, int slice, int w
 
   // A rows of this lane, as byte offsets inside the expert: unit row q (< S: gate row i0 + q, else up row)
   int offA[4], offB[4];
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    int off[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int q = mt * 16 + g + 8 * h;
-      const int col = q < kSlice ? i0 + q : i0 + q - kSlice;
-      const int row = q < kSlice ? col : I + col;
-      off[h] = (mt < mt_count && col < I) ? row * H : -1;
-    }
-    offA[mt] = off[0];
-    offB[mt] = off[1];
-  }
+  unit_row_offsets(i0, I, H, mt_count, g, offA, offB);
   int offX[NT];  // B columns: the quantized x row of routed row nt * 8 + g (clamped to a real row)
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) offX[nt] = (s.unit_entry[ai][min(nt * 8 + g, R - 1)] / K) * Hq;
@@ -151,20 +139,7 @@ __device__ void run_unit_fp8(const MoeArgs& a, Smem& s, int ai, int slice, int w
       }
     }
   }
-  // C fragment: c0, c1 = (tile row g, routed rows 2c, 2c+1); c2, c3 = (tile row g + 8, same)
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    if (mt < mt_count) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s.u.red[warp][mt * 16 + g][nt * 8 + 2 * c + j] = acc13[mt][nt][j];
-          s.u.red[warp][mt * 16 + g + 8][nt * 8 + 2 * c + j] = acc13[mt][nt][2 + j];
-        }
-      }
-    }
-  }
+  store_partials<NT>(s, warp, acc13, mt_count, g, c);
   __syncthreads();
 
   // ---- activation, one warp per routed row r, lane = slice column q; then e4m3 with the slice's own scale ----

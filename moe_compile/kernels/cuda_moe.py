@@ -46,7 +46,8 @@ from moe_compile.kernels.op import BackendUnsupported, register_backend, registe
 
 log = logging.getLogger("moe_compile")
 
-SOURCES = ("moe_decode.cu", "moe_decode_common.cuh", "moe_decode_routing.cuh", "moe_decode_fp8.cuh")
+SOURCES = ("moe_decode.cu", "moe_decode_common.cuh", "moe_decode_routing.cuh", "moe_decode_unit.cuh",
+           "moe_decode_fp8.cuh")
 NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=arch=compute_90a,code=sm_90a"]
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
@@ -245,17 +246,22 @@ def cuda_fused_moe(
     return launch(*args)[0]
 
 
-def _delegate(reason: str, args: tuple) -> Tensor:
-    """Shapes and variants beyond the decode kernel run the triton backend (logged once per reason)."""
+def _delegate(reason: str, args: tuple, packed: bool = False) -> Tensor:
+    """Shapes and variants beyond the decode kernel run the triton backend (`fused_moe`'s, or with `packed`
+    `fused_moe_packed`'s), logged once per reason."""
+    op_name = "fused_moe_packed" if packed else "fused_moe"
     try:
-        from moe_compile.kernels.triton_moe import triton_fused_moe
+        if packed:
+            from moe_compile.kernels.triton_packed import triton_fused_moe_packed as triton_backend
+        else:
+            from moe_compile.kernels.triton_moe import triton_fused_moe as triton_backend
     except ImportError as exc:
-        raise UnsupportedByCuda(f"cuda fused_moe cannot run this case: {reason}; the triton backend is unavailable "
+        raise UnsupportedByCuda(f"cuda {op_name} cannot run this case: {reason}; the triton backend is unavailable "
                                 f"({exc}). {FALLBACK}") from exc
     if reason not in _LOGGED:
         _LOGGED.add(reason)
-        log.debug("fused_moe cuda backend: %s; running the triton backend", reason)
-    return triton_fused_moe(*args)
+        log.debug("%s cuda backend: %s; running the triton backend", op_name, reason)
+    return triton_backend(*args)
 
 
 def launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize, n_group,
@@ -385,25 +391,12 @@ def cuda_fused_moe_packed(
             top_k, scoring, renormalize, n_group, topk_group, routed_scaling, weight_on_input, activation, alpha,
             limit, act_quant)
     if reason:
-        return _delegate_packed(reason, args)
+        return _delegate(reason, args, packed=True)
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     return launch(x, router_weight, router_bias, correction_bias, w13, w2, b13, b2, top_k, scoring, renormalize,
                   n_group, topk_group, routed_scaling, weight_on_input, activation, alpha, limit,
                   w13_scale=w13_scale, w2_scale=w2_scale)[0]
-
-
-def _delegate_packed(reason: str, args: tuple) -> Tensor:
-    """Packed cases beyond the FP8 decode kernel run the triton packed backend (logged once per reason)."""
-    try:
-        from moe_compile.kernels.triton_packed import triton_fused_moe_packed
-    except ImportError as exc:
-        raise UnsupportedByCuda(f"cuda fused_moe_packed cannot run this case: {reason}; the triton backend is "
-                                f"unavailable ({exc}). {FALLBACK}") from exc
-    if reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.debug("fused_moe_packed cuda backend: %s; running the triton backend", reason)
-    return triton_fused_moe_packed(*args)
 
 
 register_backend("cuda", cuda_fused_moe)
