@@ -108,6 +108,7 @@ class ModulePassResult:
 
         def restore() -> None:
             if device is not None:
+                block.w13, block.w2, block.packed = None, None, None  # free the new weights first: room to move back
                 _move_weights(saved, device)
             block.w13, block.w2, block.packed = saved
 
