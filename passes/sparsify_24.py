@@ -11,7 +11,7 @@ Counts the blocks it rewrote (`counters["moe_compile"]["sparsify_24"]`); `result
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -37,20 +37,25 @@ def sparse24_experts(w13: Tensor, w2: Tensor) -> PackedExperts:
     return PackedExperts(v13, v2, w13_meta=m13, w2_meta=m2)
 
 
-def _sparse24_block(block: FusedMoEBlock, pruned: Optional[dict[str, tuple[Tensor, Tensor]]], name: str
-                    ) -> PackedExperts:
+Pruned = dict[str, Union[tuple[Tensor, Tensor], Callable[[], tuple[Tensor, Tensor]]]]
+
+
+def _sparse24_block(block: FusedMoEBlock, pruned: Optional[Pruned], name: str) -> PackedExperts:
     """The block's packed 2:4 weights, reading its weights only now (each block's dense weights can then leave the
-    GPU once converted: `convert_blocks`); a SparseGPT entry is taken out of `pruned` as it is used."""
+    GPU once converted: `convert_blocks`); a SparseGPT entry is taken out of `pruned` (and computed, when it is a
+    callable) as it is used."""
     weights = (pruned or {}).pop(name, None)
+    if callable(weights):
+        weights = weights()
     w13, w2 = weights if weights is not None else (block.w13.detach(), block.w2.detach())
     return sparse24_experts(w13, w2)
 
 
-def sparsify_24(model: nn.Module, pruned: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
+def sparsify_24(model: nn.Module, pruned: Optional[Pruned] = None,
                 offload: Optional[bool] = None) -> ModulePassResult:
-    """pruned: per block name, (w13, w2) already 2:4-sparse (e.g. `quant.sparsegpt`), taken out of the dict as each
-    block is converted; other blocks are magnitude-pruned. Blocks are converted one at a time, each reading its
-    weights only when its turn comes; `offload` as in `quant.packed.convert_blocks`."""
+    """pruned: per block name, (w13, w2) already 2:4-sparse (e.g. `quant.sparsegpt`) or a callable returning them,
+    taken out of the dict as each block is converted; other blocks are magnitude-pruned. Blocks are converted one at
+    a time, each reading its weights only when its turn comes; `offload` as in `quant.packed.convert_blocks`."""
     result = ModulePassResult(NAME)
     planned = []
     for name, block in model.named_modules():

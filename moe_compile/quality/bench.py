@@ -60,7 +60,7 @@ def quality_table(max_bytes: int = 16384, dtype: torch.dtype = torch.bfloat16) -
         if not pruned:
             from moe_compile.quant.gate import sparsity_pruned
 
-            pruned.update(sparsity_pruned(m, None, "sparsegpt")[0])
+            pruned.update({name: prune() for name, prune in sparsity_pruned(m, None, "sparsegpt")[0].items()})
         return sparsify_24(m, dict(pruned))  # a copy: sparsify_24 takes its entries out as it uses them
 
     def sparsegpt_linears(m: nn.Module):

@@ -28,6 +28,8 @@ undone alone when it does not fit.
 
 from __future__ import annotations
 
+from functools import partial
+
 import logging
 from typing import Any, Callable, Optional
 
@@ -75,7 +77,9 @@ SPARSEGPT_CALIBRATION_BYTES = 32768  # the built-in quality model calibrates on 
 
 def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
                     ) -> tuple[Optional[dict], dict[str, Any]]:
-    """(per-block 2:4 weights for `sparsify_24`, or None for its magnitude pruning; the record)."""
+    """(per-block 2:4 weights for `sparsify_24`, or None for its magnitude pruning; the record). SparseGPT's weights
+    are computed when `sparsify_24` converts the block (a callable per block), so at most one block's pruned copy
+    exists at a time besides the model."""
     if method not in SPARSITY_METHODS:
         raise ValueError(f"sparsity_method={method!r} is not one of {SPARSITY_METHODS}")
     calibration, source = sparsity_calibration(model, ids)
@@ -89,7 +93,8 @@ def sparsity_pruned(model: nn.Module, ids: Optional[torch.Tensor], method: str
 
     blocks = {name: b for name, b in fused_blocks(model).items() if b.packed is None}
     inputs = record_block_inputs(model, calibration, blocks)  # reads the model, changes nothing
-    pruned = {name: sparsegpt_expert_weights(block, inputs[name]) for name, block in blocks.items() if name in inputs}
+    pruned = {name: partial(sparsegpt_expert_weights, block, inputs[name]) for name, block in blocks.items()
+              if name in inputs}
     return pruned, {"method": "sparsegpt", "calibration": source, "tokens": int(calibration.numel())}
 
 

@@ -70,3 +70,27 @@ def test_optimize_sparsity_method_is_recorded_and_sparsegpt_needs_text():
         mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", sparsity_24=True, sparsity_method="sparsegpt")
     with pytest.raises(ValueError, match="sparsity_method"):
         mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", sparsity_24=True, sparsity_method="random")
+
+
+def test_sparsify_24_computes_each_blocks_sparsegpt_weights_at_its_turn():
+    """The gate hands sparsify_24 one SparseGPT callable per block (not every block's pruned copy at once: a 48-layer
+    model would hold its expert weights twice): each runs once, when its block converts, before the next one."""
+    from moe_compile.passes import sparsify_24
+    from moe_compile.quant.sparse24 import decompress_24
+
+    model = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", verify=False)
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, FusedMoEBlock)}
+    calls = []
+
+    def prune(name, block):
+        assert all(blocks[done].packed is not None for done in calls)  # the blocks before it are converted
+        assert block.packed is None
+        calls.append(name)
+        x = torch.randn(32, block.spec.hidden_size, generator=torch.Generator().manual_seed(len(calls)))
+        return sparsegpt_expert_weights(block, x)
+
+    pruned = {name: (lambda name=name, block=block: prune(name, block)) for name, block in blocks.items()}
+    result = sparsify_24(model, pruned)
+    assert result.count == len(blocks) and calls == list(blocks) and not pruned
+    for block in blocks.values():
+        assert is_24_sparse(decompress_24(block.packed.w13, block.packed.w13_meta))
