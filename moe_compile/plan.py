@@ -77,10 +77,27 @@ def feature_rows(profile: Profile, device: torch.device) -> list[FeatureRow]:
     return rows
 
 
-def planned_passes(enabled: dict[str, bool], verify: bool = True) -> list[str]:
-    """The stages `optimize` runs for these decisions, in order (mirrors `api.optimize`)."""
-    passes = (["detect", "prove", "rewrite"] + (["verify"] if verify else [])) if enabled.get("fuse_moe") else []
-    return passes + ["emit:torch.compile(backend=moe_compile)" if enabled.get("compile") else "emit:eager"]
+def planned_passes(enabled: dict[str, bool], verify: bool = True, generative: bool = False,
+                   gqa_layers: int = 0) -> list[str]:
+    """The stages `optimize` runs for these decisions, in order (mirrors `api.optimize` and `emit.apply_emit`):
+    fusion, the quality-gated weight passes (2:4 before FP8), then the emit steps. generative: a transformers model
+    with `generate`, where `cuda_graphs` emits CUDA-graph decode (and `compile` then compiles its prefill), with
+    the grouped-query decode attention on `gqa_layers` layers."""
+    fused = bool(enabled.get("fuse_moe"))
+    passes = (["detect", "prove", "rewrite"] + (["verify"] if verify else [])) if fused else []
+    if fused:
+        passes += [f"{name} (quality-gated)" for feature, name in (("sparsity_24", "sparsify_24"),
+                                                                   ("fp8", "quantize_fp8")) if enabled.get(feature)]
+    graph_decode = bool(enabled.get("cuda_graphs")) and generative
+    if graph_decode:
+        prefill = "; prefill compiled by moe_compile" if enabled.get("compile") else ""
+        passes.append(f"emit:generate with CUDA-graph decode per batch bucket{prefill}")
+        passes += [f"emit:gqa_decode_attention ({gqa_layers} layers)"] if gqa_layers else []
+    elif enabled.get("compile"):
+        passes.append("emit:torch.compile(backend=moe_compile, dynamic=True)")
+    else:
+        passes.append("emit:eager")
+    return passes
 
 
 def weights_bytes(model: nn.Module, dtype: torch.dtype | None) -> int:
@@ -147,8 +164,11 @@ def memory_estimate(model: nn.Module, device: torch.device, dtype: torch.dtype |
 def build_plan(model: nn.Module, profile: Profile, device: torch.device, dtype: torch.dtype | None) -> Plan:
     rows = feature_rows(profile, device)
     enabled = {row.name: row.decision == "on" for row in rows}
-    return Plan(profile.name, profile.backend, str(device), rows, planned_passes(enabled),
-                memory_estimate(model, device, dtype))
+    from moe_compile.emit.attention import gqa_layers_served
+    from moe_compile.emit.generate import is_hf_generative
+
+    passes = planned_passes(enabled, generative=is_hf_generative(model), gqa_layers=gqa_layers_served(model))
+    return Plan(profile.name, profile.backend, str(device), rows, passes, memory_estimate(model, device, dtype))
 
 
 def human_bytes(n: float) -> str:

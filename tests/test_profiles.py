@@ -130,3 +130,28 @@ def test_forcing_an_emulated_feature_runs_it_with_a_note():
         assert "slower than the dense" in auto.unavailable["sparsity_24"]
         if device.type == "cuda":
             assert "triton" in auto.unavailable["fp8"]
+
+
+def test_the_dry_run_plan_lists_the_stages_optimize_runs():
+    """build_plan (moe-compile optimize --dry-run) names the stages `optimize` then runs, the quality-gated weight
+    passes included (2:4 before FP8), on the same model and features."""
+    from moe_compile.plan import build_plan
+
+    profile = load_profile("conservative").with_overrides({"fp8": True, "sparsity_24": True})
+    plan = build_plan(build_tiny_model("tiny-qwen3-moe"), profile, torch.device("cpu"), None)
+    model = mc.optimize(build_tiny_model("tiny-qwen3-moe"), "conservative", fp8=True, sparsity_24=True)
+    assert [p.removesuffix(" (quality-gated)") for p in plan.passes] == model.moe_compile.passes
+    assert plan.passes.index("sparsify_24 (quality-gated)") < plan.passes.index("quantize_fp8 (quality-gated)")
+
+
+def test_planned_emit_for_generative_models_on_a_gpu():
+    """With cuda_graphs on a transformers generative model: CUDA-graph decode (prefill compiled with `compile`) and
+    the grouped-query decode attention where the model has grouped-query layers; else the plain compile."""
+    from moe_compile.plan import planned_passes
+
+    enabled = {"fuse_moe": True, "cuda_graphs": True, "compile": True}
+    passes = planned_passes(enabled, generative=True, gqa_layers=2)
+    assert passes[-2:] == ["emit:generate with CUDA-graph decode per batch bucket; prefill compiled by moe_compile",
+                           "emit:gqa_decode_attention (2 layers)"]
+    assert planned_passes(enabled, generative=False)[-1] == "emit:torch.compile(backend=moe_compile, dynamic=True)"
+    assert planned_passes({"fuse_moe": False}) == ["emit:eager"]

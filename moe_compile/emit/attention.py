@@ -99,6 +99,12 @@ def _grouped_attention_layers(model: nn.Module) -> int:
                and hasattr(m, "config"))
 
 
+def gqa_layers_served(model: nn.Module) -> int:
+    """The grouped-query attention layers `use_gqa_decode_attention` would switch (0: none; changes nothing)."""
+    has_sdpa = any(getattr(c, "_attn_implementation", None) == "sdpa" for c in _configs(model))
+    return _grouped_attention_layers(model) if has_sdpa else 0
+
+
 def use_gqa_decode_attention(model: nn.Module) -> tuple[int, Callable[[], None]]:
     """Switch the model's `sdpa` attention to `gqa_sdpa_attention`: (grouped-query attention layers it serves,
     undo). Nothing changes (0 layers) for eager / flash / flex attention, or a model without grouped queries."""
