@@ -38,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 from model_configs import SHAPES  # noqa: E402
 
+from moe_compile.quant.fp8 import quantize_per_token  # noqa: E402
+from moe_compile.quant.sparse24 import prune_24  # noqa: E402
+
 IMPLS = ("dense", "cslt", "cslt_linear", "fp8_dense", "fp8_cslt")
 
 
@@ -66,14 +69,6 @@ def expert_gemms(shape) -> dict[str, tuple[int, int]]:
     return {"gate_up": (2 * shape.inter, shape.hidden), "down": (shape.hidden, shape.inter)}
 
 
-def prune_24(w: torch.Tensor) -> torch.Tensor:
-    """Magnitude 2:4 along K (the same rule as moe_compile.quant.sparse24)."""
-    groups = w.reshape(w.shape[0], -1, 4)
-    keep = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).reshape_as(w)
-
-
 def candidates(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """impl -> a call returning [M, N] bf16; construction errors surface when the call runs."""
     from torch.sparse import to_sparse_semi_structured
@@ -84,8 +79,7 @@ def candidates(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch
     made["cslt"] = lambda: torch._cslt_sparse_mm(compressed, x.t(), alg_id=alg).t()
     sparse_w = to_sparse_semi_structured(w)
     made["cslt_linear"] = lambda: torch.nn.functional.linear(x, sparse_w)
-    x8, x_scale = _rowwise_e4m3(x)
-    w8, w_scale = _rowwise_e4m3(w)
+    (x8, x_scale), (w8, w_scale) = (_rowwise_e4m3(t) for t in (x, w))
     made["fp8_dense"] = lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(),
                                                  out_dtype=torch.bfloat16)
     compressed8 = torch._cslt_compress(w8)
@@ -95,9 +89,9 @@ def candidates(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch
 
 
 def _rowwise_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [R, C] -> (e4m3 [R, C], fp32 scales [R, 1]) with each row's amax at 448."""
-    scale = (t.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+    """t [R, C] -> (e4m3 [R, C], fp32 scales [R, 1]): quant.fp8's per-row scales, in _scaled_mm's layout."""
+    q, scale = quantize_per_token(t)
+    return q, scale.unsqueeze(1)
 
 
 def measure(fn: Callable[[], torch.Tensor], graph: bool, rep_ms: int):

@@ -43,6 +43,7 @@ if os.environ.get(ENABLE_ENV) != "1":  # cheap: nothing is built unless asked fo
                       f"triton, see csrc/NOTES.md); set {ENABLE_ENV}=1 to build and register it")
 
 from moe_compile.kernels.op import BackendUnsupported, register_backend, register_packed_backend  # noqa: E402
+from moe_compile.quant.fp8 import FP8_DTYPE  # noqa: E402
 
 log = logging.getLogger("moe_compile")
 
@@ -52,7 +53,6 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-gencode=a
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
 _INT32_MAX = 2**31 - 1
-FP8_DTYPE = torch.float8_e4m3fn
 
 
 class UnsupportedByCuda(BackendUnsupported):
